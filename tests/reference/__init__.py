@@ -1,0 +1,1 @@
+"""Independent reference implementations used to cross-check hpcjobs code in tests."""
