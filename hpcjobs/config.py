@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -29,6 +30,22 @@ from omegaconf import errors as oc_errors
 
 from . import catalog, paths, schema, yamlfile
 from .errors import ConfigError
+
+def _hpcjobs_resolver(what: str) -> str:
+    """``${hpcjobs:python}``, ``${hpcjobs:devcluster_conf}``, ``${hpcjobs:cache_dir}`` in profiles."""
+    if what == "python":
+        return sys.executable
+    if what == "devcluster_conf":
+        from .devcluster import DevCluster  # stdlib-only module
+
+        return str(DevCluster().slurm_conf)
+    if what == "cache_dir":
+        return str(paths.cache_dir())
+    raise ValueError(f"unknown ${{hpcjobs:{what}}}; known: python, devcluster_conf, cache_dir")
+
+
+if not OmegaConf.has_resolver("hpcjobs"):
+    OmegaConf.register_resolver("hpcjobs", _hpcjobs_resolver)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SET_BY_HPCJOBS = ("run.id", "run.dir")
@@ -176,14 +193,33 @@ def _merge(cfg: DictConfig, layer: Layer) -> DictConfig:
         raise ConfigError(str(getattr(e, "msg", e)).splitlines()[0], key=key, source=src, line=line) from None
 
 
+def finetune_stage(kinds: Dict[str, str], option: str) -> str:
+    """The pipeline's finetune stage, which ``--hostfile``/``--include``/``--exclude`` apply to."""
+    names = [n for n, k in kinds.items() if k == "finetune"]
+    if len(names) != 1:
+        raise ConfigError(f"{option} applies to the recipe's finetune stage, and this recipe has "
+                          f"{'none' if not names else 'several: ' + ', '.join(names)}",
+                          hint="set <stage>.hostfile / .include / .exclude as KEY=VALUE instead")
+    return names[0]
+
+
 def compose(recipe_ref: str, profile_ref: str, *, config_files: Sequence[str] = (),
             overrides: Sequence[str] = (), cli: Optional[Dict[str, Any]] = None,
-            cli_text: Sequence[str] = ()) -> Composed:
-    """Load and merge every layer. ``cli`` holds values of dedicated options (--nodes, ...)."""
+            launch: Optional[Dict[str, Optional[str]]] = None, cli_text: Sequence[str] = ()) -> Composed:
+    """Load and merge every layer.
+
+    ``cli`` holds dotted keys set by dedicated options (``run.nodes`` from --nodes, ...);
+    ``launch`` the --hostfile/--include/--exclude values for the finetune stage.
+    ``cli_text`` is how those options were written, for the scripts' headers.
+    """
     recipe = catalog.find_recipe(recipe_ref)
     recipe_data, recipe_lines = yamlfile.read(recipe.path, what="recipe")
     recipe_layer = Layer(f"recipe {recipe.name}", recipe.path, recipe_data, recipe_lines)
     kinds = read_pipeline(recipe_data, recipe_layer)
+    cli = dict(cli or {})
+    for option, value in (launch or {}).items():
+        if value is not None:
+            cli[f"{finetune_stage(kinds, '--' + option)}.{option}"] = value
 
     layers: List[Layer] = []
     for entry in catalog.find_profile(profile_ref):

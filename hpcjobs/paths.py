@@ -42,3 +42,9 @@ def state_dir() -> Path:
         return Path(os.environ["HPCJOBS_STATE_DIR"]).expanduser()
     base = os.environ.get("XDG_STATE_HOME") or "~/.local/state"
     return Path(base).expanduser() / "hpcjobs"
+
+
+def cache_dir() -> Path:
+    """Persistent caches (compiled DeepSpeed ops). ``$XDG_CACHE_HOME/hpcjobs`` (``~/.cache/hpcjobs``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(base).expanduser() / "hpcjobs"

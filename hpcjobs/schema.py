@@ -82,6 +82,8 @@ class ProfileCfg:
     accelerator: str = "cuda"
     """``cuda`` (NCCL, bf16) or ``cpu`` (gloo; fake GPUs on the devcluster)."""
     gpus_per_node: int = 8
+    train_gpus_per_node: Optional[int] = None
+    """GPUs (ranks) per node a finetune stage uses unless it says otherwise; None: all of them."""
     gpu_type: Optional[str] = None
     """GRES type for ``--gpus-per-node=TYPE:N`` (e.g. ``a800``); None asks for any GPU."""
     cpus_per_node: int = 32

@@ -1,0 +1,371 @@
+"""The ``hpcjobs`` command line. Thin: each command parses, calls one module, prints.
+
+Login-node commands (--help, render, submit, status, list, ...) never import
+torch, deepspeed or transformers; ``demo-assets`` imports them when it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import click
+
+from . import __version__
+from .errors import ConfigError, HpcjobsError
+
+EPILOG_OVERRIDES = """\b
+Overrides are KEY=VALUE pairs on the merged configuration, e.g.
+  finetune.lr=2e-4 finetune.zero_stage=3 data.path=/data/dialogues.parquet
+Layers, lowest first: package defaults < cluster profile < recipe
+< ~/.config/hpcjobs/config.yaml < --config FILE < options and overrides.
+"""
+
+
+def _echo_err(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+# ---------------------------------------------------------------- shared options
+
+def chain_options(f):
+    """Options that select and shape a chain (render and submit)."""
+    options = [
+        click.argument("recipe"),
+        click.option("--nodes", "-N", type=int, default=None,
+                     help="Nodes for the multi-node (finetune) stage. Default: 1, or the hosts "
+                          "a --hostfile/--include names."),
+        click.option("--profile", "-p", default="local", envvar="HPCJOBS_PROFILE", show_default=True,
+                     show_envvar=True, help="Cluster profile name or YAML path (`hpcjobs profiles` lists them)."),
+        click.option("--name", default=None, help="Chain name (default: the recipe name)."),
+        click.option("--config", "config_files", multiple=True, type=click.Path(dir_okay=False),
+                     help="YAML file layered over the recipe; repeatable."),
+        click.option("--hostfile", default=None, type=click.Path(dir_okay=False),
+                     help="DeepSpeed hostfile (HOST slots=N): finetune runs on exactly these hosts."),
+        click.option("--include", default=None,
+                     help="DeepSpeed include spec, e.g. 'node1:0,1@node2:0'."),
+        click.option("--exclude", default=None,
+                     help="DeepSpeed exclude spec, e.g. 'node2:3' or 'node3'."),
+        click.argument("overrides", nargs=-1),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _plan(recipe, nodes, profile, name, config_files, hostfile, include, exclude, overrides,
+          *, run_dir: Optional[Path] = None):
+    from . import config, plan
+
+    cli: Dict[str, Any] = {}
+    text: List[str] = []
+    if nodes is not None:
+        cli["run.nodes"] = nodes
+        text.append(f"--nodes {nodes}")
+    if name is not None:
+        config.check_name(name, key="--name")
+        cli["run.name"] = name
+        text.append(f"--name {name}")
+    launch = {"hostfile": hostfile, "include": include, "exclude": exclude}
+    text += [f"--{k} {v}" for k, v in launch.items() if v is not None]
+    composed = config.compose(recipe, profile, config_files=config_files, overrides=overrides,
+                              cli=cli, launch=launch, cli_text=text)
+    return composed, plan.build(composed, run_dir=run_dir)
+
+
+# ---------------------------------------------------------------- the group
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="hpcjobs")
+def cli() -> None:
+    """Run LLM training pipelines on Slurm as chains of dependent jobs.
+
+    \b
+    hpcjobs render llama2-lora --nodes 2 --profile a800     # see every script first
+    hpcjobs submit llama2-lora --nodes 2 --profile a800 \\
+        model.source=/data/llama-2-7b data.path=/data/dialogues.parquet
+    hpcjobs status CHAIN        # where it stands, and why a stage failed
+    hpcjobs list                # every chain you submitted
+
+    Try it without a cluster: `hpcjobs devcluster up` starts a two-node Slurm
+    cluster on this machine (profile `local`).
+    """
+
+
+@cli.command(epilog=EPILOG_OVERRIDES)
+@chain_options
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+              help="Write the run directory here (scripts, configs, submit.sh) instead of printing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def render(recipe, nodes, profile, name, config_files, hostfile, include, exclude, overrides, out, as_json):
+    """Show exactly what `submit` would run, touching no Slurm command.
+
+    Prints every stage's sbatch script and generated config. With --out DIR the
+    run directory is written to DIR, with a submit.sh that submits the stages
+    in order with sbatch.
+    """
+    from . import preflight
+    from . import render as rendering
+
+    run_dir = Path(out).absolute() if out else None
+    composed, plan = _plan(recipe, nodes, profile, name, config_files, hostfile, include, exclude,
+                           overrides, run_dir=run_dir)
+    preflight.check_inputs(plan, composed)
+    rendered = rendering.render(plan)
+    if as_json:
+        click.echo(json.dumps(_plan_json(rendered), indent=2))
+    elif out:
+        if (Path(out) / "chain.json").exists():
+            raise HpcjobsError(f"{out} holds a submitted chain; choose another --out directory")
+        written = rendering.write_tree(rendered, Path(out).absolute())
+        click.echo(f"wrote {len(written)} files to {out}:")
+        for p in written:
+            click.echo(f"  {p.relative_to(Path(out).absolute())}")
+        click.echo(f"submit by hand with: bash {Path(out) / 'submit.sh'}   (or use `hpcjobs submit`)")
+    else:
+        for st in rendered.stages:
+            for fname, text in st.files.items():
+                click.echo(f"==> {st.attempt_dir / fname} <==")
+                click.echo(text)
+
+
+def _plan_json(rendered) -> dict:
+    plan = rendered.plan
+    return {
+        "chain": plan.chain_id, "run_dir": str(plan.run_dir), "recipe": plan.recipe,
+        "profile": plan.profile, "overrides": plan.overrides,
+        "stages": [{"name": sp.name, "kind": sp.kind, "after": sp.after, "nodes": sp.nodes,
+                    "gpus_per_node": sp.gpus_per_node, "world_size": sp.world_size,
+                    "sbatch": {k: v for k, v in sp.sbatch.items() if v is not None},
+                    "script": str(st.script_path), "files": st.files}
+                   for sp, st in zip(plan.stages, rendered.stages)],
+    }
+
+
+@cli.command(epilog=EPILOG_OVERRIDES)
+@chain_options
+@click.option("--json", "as_json", is_flag=True, help='Print {"chain": ..., "jobs": {stage: job_id}}.')
+def submit(recipe, nodes, profile, name, config_files, hostfile, include, exclude, overrides, as_json):
+    """Render, check and submit every stage as a dependent Slurm job.
+
+    Stage N+1 waits for its upstream stages with --dependency=afterok. Input
+    files, the partition's size and every setting are checked before the first
+    sbatch; if a submission fails partway, the jobs already submitted are
+    cancelled.
+    """
+    from . import preflight
+    from . import render as rendering
+    from . import submit as submitting
+    from .slurm import Slurm
+
+    composed, plan = _plan(recipe, nodes, profile, name, config_files, hostfile, include, exclude, overrides)
+    preflight.check_inputs(plan, composed)
+    slurm = Slurm(plan.chain.profile.slurm_conf)
+    preflight.check_cluster(plan, composed, slurm)
+    record = submitting.submit(rendering.render(plan), slurm)
+    jobs = {s.name: s.current.job_id for s in record.stages}
+    if as_json:
+        click.echo(json.dumps({"chain": record.chain_id, "jobs": jobs, "run_dir": record.run_dir}))
+        return
+    click.echo(f"submitted chain {record.chain_id} ({len(jobs)} jobs)")
+    width = max(len(n) for n in jobs)
+    for st in record.stages:
+        after = f"  after {', '.join(st.after)}" if st.after else ""
+        click.echo(f"  {st.name:<{width}}  job {st.current.job_id}{after}")
+    click.echo(f"run directory: {record.run_dir}")
+    click.echo(f"follow it:     hpcjobs status {record.chain_id}")
+
+
+# ---------------------------------------------------------------- watching
+
+@cli.command()
+@click.argument("chain", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(chain, as_json):
+    """Each stage's job, state, elapsed time, nodes, exit code and reason.
+
+    CHAIN is a chain id, a unique prefix of one, or a run directory; default:
+    the most recent chain. A failed stage shows the end of its log.
+    """
+    from . import records, status as st
+
+    rec = records.find(chain) if chain else _latest()
+    cs = st.collect([rec])[0]
+    if as_json:
+        click.echo(json.dumps(cs.to_json(), indent=2))
+        return
+    from . import display
+
+    display.chain_status(cs)
+
+
+def _latest():
+    from . import records
+
+    recs = records.all_records()
+    if not recs:
+        raise HpcjobsError("no chains yet", hint="submit one with `hpcjobs submit RECIPE`")
+    return recs[-1]
+
+
+@cli.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@click.option("--scan", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Re-index the run directories under this runs root first.")
+def list_chains(as_json, scan):
+    """Every known chain with its state (one squeue and one sacct call in all)."""
+    from . import records, status as st
+
+    if scan:
+        records.scan(Path(scan))
+    recs = records.all_records()
+    statuses = st.collect(recs) if recs else []
+    if as_json:
+        click.echo(json.dumps([cs.to_json() for cs in statuses], indent=2))
+        return
+    from . import display
+
+    display.chain_list(statuses)
+
+
+@cli.command()
+@click.argument("chain")
+def cancel(chain):
+    """Cancel every job of a chain that has not finished."""
+    from . import records, status as st
+    from .slurm import LIVE_STATES, Slurm
+
+    rec = records.find(chain)
+    cs = st.collect([rec])[0]
+    live = [s.job_id for s in cs.stages if s.job_id and s.state in LIVE_STATES | {"UNKNOWN"}]
+    Slurm(rec.slurm_conf).cancel(live)
+    rec.submission = "cancelled"
+    rec.save()
+    click.echo(f"cancelled {len(live)} job(s) of {rec.chain_id}" + (f": {', '.join(live)}" if live else ""))
+
+
+# ---------------------------------------------------------------- catalog
+
+@cli.command()
+def profiles():
+    """List cluster profiles (shipped, and yours in ~/.config/hpcjobs/profiles)."""
+    from . import catalog
+
+    for name, entries in sorted(catalog.profiles().items()):
+        origin = "+".join(e.origin for e in entries)
+        desc = next((e.description for e in reversed(entries) if e.description), "")
+        click.echo(f"{name:<10} {origin:<13} {desc}")
+
+
+@cli.command()
+def recipes():
+    """List recipes (shipped, and yours in ~/.config/hpcjobs/recipes)."""
+    from . import catalog
+
+    for name, e in sorted(catalog.recipes().items()):
+        click.echo(f"{name:<14} {e.origin:<8} {e.description}")
+
+
+# ---------------------------------------------------------------- devcluster
+
+@cli.group()
+def devcluster():
+    """A private two-node Slurm cluster on this machine (profile `local`).
+
+    slurmctld, slurmd for node1 and node2 (4 fake GPUs each), slurmdbd with
+    MariaDB, and munge, all under one directory ($HPCJOBS_DEVCLUSTER, default
+    ~/.local/state/hpcjobs/devcluster). Needs Debian's slurm and mariadb
+    packages: scripts/install-system-deps.sh installs them.
+    """
+
+
+@devcluster.command("up")
+def devcluster_up():
+    """Start the cluster (a no-op if it is already up)."""
+    from .devcluster import DevCluster
+
+    dc = DevCluster()
+    dc.up()
+    click.echo(f"devcluster up: {dc.slurm_conf}")
+    click.echo(f"use it with --profile local, or: export SLURM_CONF={dc.slurm_conf}")
+
+
+@devcluster.command("down")
+def devcluster_down():
+    """Stop exactly the daemons `up` started."""
+    from .devcluster import DevCluster
+
+    DevCluster().down()
+    click.echo("devcluster down")
+
+
+@devcluster.command("status")
+@click.option("--json", "as_json", is_flag=True)
+def devcluster_status(as_json):
+    """Daemons and nodes of the devcluster."""
+    from .devcluster import DevCluster
+
+    info = DevCluster().status()
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    click.echo(f"root:  {info.get('root')}")
+    click.echo(f"ready: {info.get('ready')}")
+    for name, d in (info.get("daemons") or {}).items():
+        click.echo(f"  {name:<14} {'running' if d.get('running') else 'stopped':<8} pid {d.get('pid') or '-'}")
+
+
+# ---------------------------------------------------------------- demo
+
+@cli.command("demo-assets")
+@click.argument("outdir", type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True)
+def demo_assets(outdir, seed):
+    """Write a tiny Meta-format Llama-2 checkpoint, a dialogue parquet and prompts.
+
+    Needs the train extra. Also writes OUTDIR/demo.yaml, to pass with --config:
+    hpcjobs submit llama2-lora --nodes 2 --profile local --config OUTDIR/demo.yaml
+    """
+    from .train.demo_assets import make_demo_assets
+
+    out = Path(outdir).absolute()
+    made = make_demo_assets(out, seed=seed)
+    demo = out / "demo.yaml"
+    demo.write_text(
+        "# Inputs made by `hpcjobs demo-assets`; small settings for CPU training.\n"
+        f"model:\n  source: {made['checkpoint']}\n"
+        f"data:\n  path: {made['dataset']}\n"
+        f"evaluate:\n  prompts: {made['prompts']}\n  max_new_tokens: 24\n"
+        "finetune:\n  micro_batch_size: 4\n  max_seq_length: 128\n  max_steps: 40\n"
+        "  warmup_steps: 4\n  lr: 5.0e-3\n  logging_steps: 2\n  save_steps: 20\n"
+        "  gradient_checkpointing: false\n"
+    )
+    for k, v in made.items():
+        click.echo(f"{k:<11} {v}")
+    click.echo(f"config      {demo}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="hpcjobs", standalone_mode=False)
+    except click.exceptions.Abort:
+        _echo_err("aborted")
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except ConfigError as e:
+        _echo_err(f"error: {e}")
+        _echo_err("nothing was submitted")
+        sys.exit(2)
+    except HpcjobsError as e:
+        _echo_err(f"error: {e}")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

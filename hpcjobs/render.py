@@ -1,0 +1,254 @@
+"""Render a checked plan into job scripts and config files. Pure: returns text, writes nothing.
+
+Templates are Jinja files in ``templates/`` (the user's ``<config dir>/templates``
+first, so a site can override one). Every ``{{ value }}`` is quoted for the
+shell by the environment's ``finalize`` hook, so a value can never become
+shell code; text that *is* shell code by design (a profile's setup lines, a
+command stage's body, the ``#SBATCH`` lines built here) is marked with the
+``raw`` filter, and a list becomes quoted words with the ``words`` filter.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import jinja2
+from omegaconf import OmegaConf
+
+from . import __version__, paths
+from .errors import ConfigError, HpcjobsError
+from .plan import ChainPlan, StagePlan
+
+SCRIPT = "job.sbatch"
+
+
+class Raw(str):
+    """Shell text that is inserted as written (never a user *value*)."""
+
+
+def _finalize(value: Any) -> str:
+    if isinstance(value, Raw):
+        return value
+    if value is None:
+        raise HpcjobsError("template bug: a None value reached a shell line")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)  # a number is a single safe shell word
+    return shlex.quote(str(value))
+
+
+def _words(values: Any) -> Raw:
+    return Raw(" ".join(shlex.quote(str(v)) for v in values))
+
+
+def _comment(value: Any) -> Raw:
+    # A newline in a comment would end it and start a command.
+    return Raw(" ".join(str(value).splitlines()))
+
+
+def sbatch_directive(key: str, value: Optional[str]) -> str:
+    """``#SBATCH --key=value``; sbatch reads these lines itself, honouring double quotes."""
+    if value is not None and any(c in value for c in "\n\r\0"):
+        raise ConfigError(f"sbatch option --{key} has a line break in its value")
+    if value == "":
+        return f"#SBATCH --{key}"
+    if any(c.isspace() or c in "\"'" for c in value):
+        if '"' in value:
+            raise ConfigError(f"sbatch option --{key}: value {value!r} cannot contain both spaces and quotes")
+        value = f'"{value}"'
+    return f"#SBATCH --{key}={value}"
+
+
+def environment() -> jinja2.Environment:
+    search = [str(paths.user_config_dir() / "templates"), str(paths.shipped("templates"))]
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(search),
+        undefined=jinja2.StrictUndefined,
+        finalize=_finalize,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+    env.filters["raw"] = Raw
+    env.filters["words"] = _words
+    env.filters["comment"] = _comment
+    return env
+
+
+@dataclass
+class RenderedStage:
+    name: str
+    kind: str
+    after: List[str]
+    attempt: int
+    attempt_dir: Path
+    files: Dict[str, str] = field(default_factory=dict)  # file name in attempt_dir -> content
+
+    @property
+    def script(self) -> str:
+        return self.files[SCRIPT]
+
+    @property
+    def script_path(self) -> Path:
+        return self.attempt_dir / SCRIPT
+
+
+@dataclass
+class RenderedChain:
+    plan: ChainPlan
+    stages: List[RenderedStage]
+    files: Dict[str, str]  # run-dir-level files: config.yaml, submit.sh
+
+
+def _json(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=False) + "\n"
+
+
+def _plain(obj: Any) -> Any:
+    return asdict(obj) if is_dataclass(obj) else obj
+
+
+def _stage_files(plan: ChainPlan, sp: StagePlan) -> Dict[str, str]:
+    """Config files a stage's job reads, written beside its script."""
+    chain, s, adir = plan.chain, sp.cfg, sp.attempt_dir
+    files: Dict[str, str] = {}
+    if sp.kind == "finetune":
+        files["ds_config.json"] = _json(sp.ds_config)
+        files["train.json"] = _json({
+            "model_path": s.model,
+            "output_dir": s.output,
+            "checkpoint_dir": s.checkpoints,
+            "progress_file": str(adir / "progress.jsonl"),
+            "preempt_file": str(adir / "preempt"),
+            "deepspeed_config": str(adir / "ds_config.json"),
+            "resume": s.resume,
+            "device": chain.profile.accelerator,
+            "world_size": sp.world_size,
+            "data": _plain(chain.data),
+            "lora": _plain(s.lora),
+            "train": {
+                "micro_batch_size": s.micro_batch_size,
+                "gradient_accumulation_steps": s.grad_accum,
+                "learning_rate": s.lr,
+                "max_steps": s.max_steps,
+                "num_train_epochs": s.epochs,
+                "warmup_steps": s.warmup_steps,
+                "lr_scheduler_type": s.scheduler,
+                "max_seq_length": s.max_seq_length,
+                "gradient_checkpointing": s.gradient_checkpointing,
+                "precision": s.precision,
+                "max_grad_norm": s.max_grad_norm,
+                "logging_steps": s.logging_steps,
+                "save_steps": s.save_steps,
+                "save_total_limit": s.save_total_limit,
+                "eval_steps": s.eval_steps,
+                "seed": s.seed,
+                "optim": s.optim,
+            },
+        })
+        if sp.pool is not None:
+            files["hostfile.requested"] = "".join(f"{h} slots={n}\n" for h, n in sp.pool.items())
+    elif sp.kind == "evaluate":
+        files["eval.json"] = _json({"data": _plain(chain.data)})
+    return files
+
+
+def _dtype(value: str, precision: str) -> str:
+    if value != "auto":
+        return value
+    return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
+
+
+def render_stage(plan: ChainPlan, sp: StagePlan, env: Optional[jinja2.Environment] = None) -> RenderedStage:
+    env = env or environment()
+    files = _stage_files(plan, sp)
+    chain = plan.chain
+    header = [
+        f"hpcjobs {__version__}: chain {plan.chain_id}, stage {sp.index}/{len(plan.stages)} "
+        f"{sp.name} ({sp.kind}), attempt {sp.attempt}",
+        f"recipe: {plan.recipe} ({plan.recipe_path})",
+        f"profile: {plan.profile}",
+        f"overrides: {' '.join(plan.overrides) if plan.overrides else '(none)'}",
+        f"runs after: {', '.join(sp.after)} (afterok; job ids are given at submission)" if sp.after
+        else "runs after: nothing (first stage)",
+        f"rendered {plan.created} by `hpcjobs render`/`hpcjobs submit`; edit the recipe, not this file",
+    ]
+    directives = [sbatch_directive(k, v) for k, v in sp.sbatch.items() if v is not None]
+    try:
+        template = env.get_template(f"{sp.kind}.sbatch.j2")
+    except jinja2.TemplateNotFound as e:
+        raise HpcjobsError(f"no template {e.name} for stage kind {sp.kind!r}") from None
+    precision = getattr(sp.cfg, "precision", chain.profile.precision)
+    try:
+        text = template.render(
+            plan=plan, stage=sp, s=sp.cfg, profile=chain.profile, run=chain.run,
+            header=header, directives=directives, files=files,
+            dtype=_dtype(getattr(sp.cfg, "dtype", "auto"), precision if precision != "auto"
+                         else chain.profile.precision),
+        )
+    except jinja2.UndefinedError as e:
+        raise HpcjobsError(f"template {sp.kind}.sbatch.j2: {e.message}") from None
+    files = {SCRIPT: text, **files}
+    return RenderedStage(sp.name, sp.kind, sp.after, sp.attempt, sp.attempt_dir, files)
+
+
+def _submit_sh(plan: ChainPlan, stages: List[RenderedStage]) -> str:
+    """A plain-shell equivalent of `hpcjobs submit` for this rendering (no hold/release, no record)."""
+    lines = [
+        "#!/bin/bash",
+        f"# Submit chain {plan.chain_id} by hand, in order, each stage after its upstream stages.",
+        "# `hpcjobs submit` does the same and also records the chain and cleans up on failure.",
+        "set -euo pipefail",
+    ]
+    conf = plan.chain.profile.slurm_conf
+    if conf:
+        lines.append(f"export SLURM_CONF={shlex.quote(conf)}")
+    for st in stages:
+        deps = ":".join(f"${{JOB_{a}}}" for a in st.after)
+        dep = f" --dependency=afterok:{deps}" if deps else ""
+        lines.append(f"JOB_{st.name}=$(sbatch --parsable{dep} {shlex.quote(str(st.script_path))})")
+        lines.append(f'echo "{st.name}: $JOB_{st.name}"')
+    return "\n".join(lines) + "\n"
+
+
+def render(plan: ChainPlan) -> RenderedChain:
+    env = environment()
+    stages = [render_stage(plan, sp, env) for sp in plan.stages]
+    files = {
+        "config.yaml": OmegaConf.to_yaml(OmegaConf.structured(plan.chain)),
+        "submit.sh": _submit_sh(plan, stages),
+    }
+    return RenderedChain(plan, stages, files)
+
+
+def write_tree(rendered: RenderedChain, run_dir: Path) -> List[Path]:
+    """Write the run directory: chain-level files and each stage's attempt directory.
+
+    Directories and files get the user's umask (no chmod here); only the
+    scripts get the execute bit the umask allows.
+    """
+    written: List[Path] = []
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in rendered.files.items():
+        written.append(_write(run_dir / name, text, executable=name.endswith(".sh")))
+    for st in rendered.stages:
+        st.attempt_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in st.files.items():
+            written.append(_write(st.attempt_dir / name, text, executable=name == SCRIPT))
+    return written
+
+
+def _write(path: Path, text: str, *, executable: bool = False) -> Path:
+    import os
+
+    mode = 0o777 if executable else 0o666  # open() applies the umask
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path

@@ -1,0 +1,198 @@
+"""Where chains stand: one ``squeue`` and one ``sacct`` call per refresh (per cluster).
+
+A stage's state comes, in order, from:
+
+1. ``squeue`` while slurmctld still has the job (live jobs, and finished ones
+   until MinJobAge passes);
+2. ``sacct`` for finished jobs (exit code, signal, end time);
+3. the stage's own markers (``started.json``/``marker.json``, written by the job)
+   when Slurm has forgotten the job or accounting is down.
+
+A job found nowhere is ``UNKNOWN`` (asked again next refresh), never ``FAILED``
+by guess. States are Slurm's own words; a pending stage whose upstream failed
+is reported as blocked by that stage (Slurm's ``DependencyNeverSatisfied``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from .errors import SlurmError
+from .records import ChainRecord
+from .slurm import DONE_STATES, FAILED_STATES, LIVE_STATES, AccountingUnavailable, AcctInfo, QueueInfo, Slurm
+
+
+@dataclass
+class StageStatus:
+    name: str
+    kind: str
+    attempt: int
+    job_id: Optional[str]
+    state: str
+    reason: str = ""
+    exit_code: Optional[int] = None
+    signal: Optional[int] = None
+    elapsed: str = ""
+    nodes: str = ""
+    start: str = ""
+    end: str = ""
+    source: str = ""            # squeue | sacct | marker | record
+    blocked_by: Optional[str] = None
+    log: Optional[str] = None
+
+    @property
+    def failed(self) -> bool:
+        return self.state in FAILED_STATES
+
+
+@dataclass
+class ChainStatus:
+    record: ChainRecord
+    stages: List[StageStatus]
+    accounting: bool = True
+    warnings: List[str] = field(default_factory=list)
+
+    @property
+    def state(self) -> str:
+        states = [s.state for s in self.stages]
+        if self.record.submission == "failed":
+            return "SUBMIT_FAILED"
+        if self.record.submission == "cancelled" and not any(s in LIVE_STATES for s in states):
+            return "CANCELLED"
+        if any(s in FAILED_STATES for s in states):
+            return "FAILED"
+        if states and all(s in DONE_STATES for s in states):
+            return "COMPLETED"
+        if any(s in ("RUNNING", "COMPLETING", "CONFIGURING") for s in states):
+            return "RUNNING"
+        if self.record.submission == "submitting":
+            return "SUBMITTING"
+        if any(s == "UNKNOWN" for s in states):
+            return "UNKNOWN"
+        return "PENDING"
+
+    def to_json(self) -> dict:
+        r = self.record
+        return {
+            "chain": r.chain_id, "name": r.name, "recipe": r.recipe, "profile": r.profile,
+            "run_dir": r.run_dir, "created": r.created, "state": self.state,
+            "submission": r.submission, "error": r.error, "accounting": self.accounting,
+            "warnings": self.warnings,
+            "stages": [asdict(s) for s in self.stages],
+        }
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _local_time(iso_utc: str) -> str:
+    t = _dt.datetime.strptime(iso_utc, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=_dt.timezone.utc)
+    return (t.astimezone() - _dt.timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _stage_status(record: ChainRecord, name: str, queue: Dict[str, QueueInfo],
+                  acct: Dict[str, AcctInfo]) -> StageStatus:
+    st = record.stage(name)
+    att = st.current
+    adir = record.attempt_dir(name, att.n)
+    s = StageStatus(name, st.kind, att.n, att.job_id, "UNKNOWN")
+    if not att.job_id:
+        s.state, s.source = "NOT_SUBMITTED", "record"
+        s.reason = {"submitting": "submission in progress or interrupted",
+                    "failed": "submission failed"}.get(record.submission, "")
+        return s
+    s.log = str(adir / f"slurm-{att.job_id}.out")
+    q, a = queue.get(att.job_id), acct.get(att.job_id)
+    marker = _read_json(adir / "marker.json")
+    if marker and str(marker.get("job_id")) != att.job_id:
+        marker = None
+    if q and q.state in LIVE_STATES:
+        s.state, s.reason, s.elapsed, s.nodes, s.source = q.state, q.reason, q.elapsed, q.nodes, "squeue"
+        if q.reason in ("None", "(null)"):
+            s.reason = ""
+        s.start = q.start if q.start not in ("N/A", "Unknown") else ""
+    elif a and a.state not in LIVE_STATES:
+        s.state, s.exit_code, s.signal, s.source = a.state, a.exit_code, a.signal, "sacct"
+        s.elapsed, s.nodes, s.start, s.end = a.elapsed, a.nodes, a.start, a.end
+        s.reason = "" if a.reason in ("None", "") else a.reason
+    elif q:  # finished, still in slurmctld's memory, accounting not (yet) there
+        s.state, s.nodes, s.elapsed, s.source = q.state, q.nodes, q.elapsed, "squeue"
+        if marker:
+            s.exit_code = marker.get("exit_code")
+    elif a:  # accounting still says live but slurmctld has forgotten: trust the marker if any
+        s.state, s.nodes, s.source = a.state, a.nodes, "sacct"
+        if marker:
+            s.state = "COMPLETED" if marker.get("exit_code") == 0 else "FAILED"
+            s.exit_code, s.source = marker.get("exit_code"), "marker"
+    elif marker:
+        code = marker.get("exit_code")
+        s.state = "COMPLETED" if code == 0 else "FAILED"
+        s.exit_code, s.nodes, s.end, s.source = code, marker.get("host", ""), marker.get("time", ""), "marker"
+    if s.exit_code is None and marker and s.state not in LIVE_STATES:
+        s.exit_code = marker.get("exit_code")
+    return s
+
+
+def _blocked(stages: Dict[str, StageStatus], record: ChainRecord) -> None:
+    """Name the failed upstream stage of a stage that can no longer start."""
+    for st in record.stages:
+        s = stages[st.name]
+        if s.state != "PENDING":
+            continue
+        failed_up = [u for u in st.after if stages[u].failed or stages[u].blocked_by]
+        if failed_up or s.reason == "DependencyNeverSatisfied":
+            root = failed_up[0] if failed_up else None
+            while root and stages[root].blocked_by:
+                root = stages[root].blocked_by
+            s.blocked_by = root or "an upstream stage"
+
+
+def collect(recs: List[ChainRecord], slurm_for: Callable[[Optional[str]], Slurm] = Slurm) -> List[ChainStatus]:
+    """Status of every chain in ``recs``: one squeue and one sacct call per Slurm cluster."""
+    by_conf: Dict[Optional[str], List[ChainRecord]] = defaultdict(list)
+    for r in recs:
+        by_conf[r.slurm_conf].append(r)
+    out: Dict[str, ChainStatus] = {}
+    for conf, group in by_conf.items():
+        slurm = slurm_for(conf)
+        ids = sorted({j for r in group for j in r.job_ids(current_only=True)}, key=int)
+        warnings: List[str] = []
+        try:
+            queue = slurm.squeue(ids)
+        except SlurmError as e:
+            queue = {}
+            warnings.append(f"squeue unavailable ({e}); states come from accounting and markers")
+        accounting = True
+        try:
+            acct = slurm.sacct(ids, starttime=min(_local_time(r.created) for r in group)) if ids else {}
+        except AccountingUnavailable as e:
+            acct, accounting = {}, False
+            warnings.append(f"accounting is unavailable ({e}); finished states come from the stages' markers")
+        for r in group:
+            stages = {st.name: _stage_status(r, st.name, queue, acct) for st in r.stages}
+            _blocked(stages, r)
+            out[r.chain_id] = ChainStatus(r, [stages[st.name] for st in r.stages], accounting, list(warnings))
+    return [out[r.chain_id] for r in recs]
+
+
+def tail(path: Optional[str], lines: int = 10) -> List[str]:
+    if not path:
+        return []
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    return data.splitlines()[-lines:]
