@@ -112,7 +112,10 @@ def render(recipe, nodes, profile, name, config_files, hostfile, include, exclud
     run_dir = Path(out).absolute() if out else None
     composed, plan = _plan(recipe, nodes, profile, name, config_files, hostfile, include, exclude,
                            overrides, run_dir=run_dir)
-    preflight.check_inputs(plan, composed)
+    try:
+        preflight.check_inputs(plan, composed)
+    except ConfigError as e:  # rendering is for inspection: inputs may live on the cluster only
+        _echo_err(f"warning: {e}\n  (`hpcjobs submit` refuses this)")
     rendered = rendering.render(plan)
     if as_json:
         click.echo(json.dumps(_plan_json(rendered), indent=2))

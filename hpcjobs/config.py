@@ -156,9 +156,21 @@ class Composed:
             k = k.rpartition(".")[0]
         return "package defaults (hpcjobs/schema.py)", None
 
+    def source_key(self, key: str, _depth: int = 0) -> str:
+        """The key a value really comes from, following plain ``${other.key}`` interpolations."""
+        node = OmegaConf.to_container(self.cfg, resolve=False)
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        m = re.fullmatch(r"\$\{([A-Za-z0-9_.]+)\}", node) if isinstance(node, str) else None
+        if m and _depth < 10:
+            return self.source_key(m.group(1), _depth + 1)
+        return key
+
     def error(self, key: str, message: str, hint: Optional[str] = None) -> ConfigError:
-        src, line = self.where(key)
-        return ConfigError(message, key=key, source=src, line=line, hint=hint)
+        real = self.source_key(key)
+        src, line = self.where(real)
+        shown = key if real == key else f"{key} (= {real})"
+        return ConfigError(message, key=shown, source=src, line=line, hint=hint)
 
 
 def _schema_for(kinds: Dict[str, str]) -> DictConfig:
