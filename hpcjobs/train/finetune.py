@@ -1,0 +1,679 @@
+"""LoRA supervised finetuning (TRL SFTTrainer, optionally DeepSpeed ZeRO) inside a Slurm job.
+
+Launched once per rank, normally by DeepSpeed's launcher::
+
+    deepspeed --no_ssh --node_rank=R --hostfile H --master_addr A --master_port P \\
+        --module hpcjobs.train.finetune --config train.json
+
+(``python -m hpcjobs.train.finetune --config train.json`` also works for a
+single process, and ``torchrun``-style RANK/WORLD_SIZE environments work as
+plain DDP when ``deepspeed_config`` is null.)
+
+train.json (written by the render step; relative paths are taken relative to
+the directory of train.json)::
+
+    model_path        HF model directory (the adapter records its absolute path)
+    output_dir        where rank 0 saves the final adapter (+ tokenizer)
+    checkpoint_dir    Trainer checkpoints (checkpoint-<global step>/)
+    progress_file     JSON lines for `hpcjobs watch` (rank 0 appends); optional
+    deepspeed_config  ds_config.json path or null (plain DDP / single process)
+    resume            "auto" (latest complete checkpoint-* if any) | "never" | a checkpoint path
+    device            "cuda" | "cpu" (default: cuda when available)
+    data              {path, columns, template, split, seed}  -- see hpcjobs.train.data
+    lora              {r, alpha, dropout, target_modules, bias}
+    train             {micro_batch_size, gradient_accumulation_steps, learning_rate,
+                       max_steps, num_train_epochs, warmup_steps, lr_scheduler_type,
+                       max_seq_length, gradient_checkpointing, precision (bf16|fp16|fp32),
+                       max_grad_norm, logging_steps, save_steps, save_total_limit,
+                       eval_steps, seed, optim, packing (default false),
+                       eval_batch_size (default micro_batch_size)}
+
+Preemption: SIGUSR2 on any rank makes every rank stop after the current
+optimizer step (the flag is all-reduced at each step end), save a checkpoint,
+skip the final adapter, and exit with code 75 (EX_TEMPFAIL). A rerun with
+``resume: auto`` continues from that global step. DeepSpeed's runner and
+launch.py do not handle SIGUSR2 (its default action kills them), so when the
+job script signals whole process groups it must start them with SIGUSR2
+ignored, e.g. ``bash -c "trap '' USR2; exec deepspeed ..."``: the ignored
+disposition is inherited through exec/fork, and each rank installs its own
+handler first thing.
+
+Exit codes: 0 done (adapter saved), 75 preempted (checkpoint saved),
+2 user error (bad config/data/model path; message printed), 1 crash.
+With ``resume: auto``, a checkpoint directory without trainer_state.json (a
+save cut short) is skipped in favour of the previous one.
+
+Tokenizer padding: Llama has no pad token; we use ``unk`` (``eos`` when the
+tokenizer has no unk) with right padding. Padded label positions are masked
+with -100 by TRL's collator, and the pad id differs from eos, so the
+end-of-sequence token appended by TRL is still learned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from hpcjobs.errors import HpcjobsError
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again" -> requeue / resubmit with resume=auto
+LOG_PREFIX = "[hpcjobs.finetune]"
+
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "micro_batch_size": 16,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 1e-3,
+    "max_steps": -1,
+    "num_train_epochs": 1,
+    "warmup_steps": 0,
+    "lr_scheduler_type": "cosine",
+    "max_seq_length": 512,
+    "gradient_checkpointing": True,
+    "precision": "bf16",
+    "max_grad_norm": 0.3,
+    "logging_steps": 10,
+    "save_steps": 100,
+    "save_total_limit": 2,
+    "eval_steps": None,
+    "seed": 42,
+    "optim": "adamw_torch",
+    "packing": False,
+    "eval_batch_size": None,
+}
+LORA_DEFAULTS: dict[str, Any] = {
+    "r": 8,
+    "alpha": 8,
+    "dropout": 0.05,
+    "target_modules": ["q_proj", "v_proj"],
+    "bias": "none",
+}
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+# ----------------------------------------------------------------------------
+# config
+# ----------------------------------------------------------------------------
+
+
+def load_train_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Read train.json, fill defaults, make paths absolute (relative to its directory)."""
+    p = Path(path)
+    try:
+        raw = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise HpcjobsError(f"{p}: train config not found") from None
+    except json.JSONDecodeError as e:
+        raise HpcjobsError(f"{p}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(raw, dict):
+        raise HpcjobsError(f"{p}: train config must be a JSON object")
+    base = p.resolve().parent
+
+    def absolute(key: str, value: Any) -> str | None:
+        if value in (None, ""):
+            return None
+        if not isinstance(value, str):
+            raise HpcjobsError(f"{p}: {key}: expected a path string, got {value!r}")
+        v = Path(os.path.expanduser(value))
+        return str(v if v.is_absolute() else (base / v).resolve())
+
+    cfg: dict[str, Any] = dict(raw)
+    for key in ("model_path", "output_dir"):
+        if not raw.get(key):
+            raise HpcjobsError(f"{p}: {key}: required")
+    cfg["model_path"] = absolute("model_path", raw["model_path"])
+    cfg["output_dir"] = absolute("output_dir", raw["output_dir"])
+    cfg["checkpoint_dir"] = absolute("checkpoint_dir", raw.get("checkpoint_dir")) or str(
+        Path(cfg["output_dir"]).parent / "checkpoints"
+    )
+    cfg["progress_file"] = absolute("progress_file", raw.get("progress_file"))
+    cfg["deepspeed_config"] = absolute("deepspeed_config", raw.get("deepspeed_config"))
+
+    resume = raw.get("resume", "auto")
+    if resume in (None, False):
+        resume = "never"
+    if resume not in ("auto", "never"):
+        resume = absolute("resume", resume)
+    cfg["resume"] = resume
+
+    device = raw.get("device")
+    if device not in (None, "cuda", "cpu"):
+        raise HpcjobsError(f"{p}: device: expected 'cuda' or 'cpu', got {device!r}")
+    cfg["device"] = device
+
+    data = dict(raw.get("data") or {})
+    if not data.get("path"):
+        raise HpcjobsError(f"{p}: data.path: required")
+    data["path"] = absolute("data.path", data["path"])
+    cfg["data"] = data
+
+    lora = {**LORA_DEFAULTS, **(raw.get("lora") or {})}
+    cfg["lora"] = lora
+
+    train = {**TRAIN_DEFAULTS, **(raw.get("train") or {})}
+    if train["precision"] not in PRECISIONS:
+        raise HpcjobsError(f"{p}: train.precision: expected one of {', '.join(PRECISIONS)}, got {train['precision']!r}")
+    if train["max_steps"] is None:
+        train["max_steps"] = -1
+    for key in ("micro_batch_size", "gradient_accumulation_steps", "max_seq_length"):
+        if not isinstance(train[key], int) or train[key] < 1:
+            raise HpcjobsError(f"{p}: train.{key}: expected a positive integer, got {train[key]!r}")
+    cfg["train"] = train
+    return cfg
+
+
+# ----------------------------------------------------------------------------
+# environment and ranks
+# ----------------------------------------------------------------------------
+
+
+def rank_info() -> dict[str, int]:
+    env = os.environ
+    return {
+        "rank": int(env.get("RANK", "0")),
+        "world_size": int(env.get("WORLD_SIZE", "1")),
+        "local_rank": int(env.get("LOCAL_RANK", "0")),
+        "local_size": int(env.get("LOCAL_SIZE", env.get("LOCAL_WORLD_SIZE", "1"))),
+        "node_rank": int(env.get("CROSS_RANK", env.get("GROUP_RANK", "0"))),
+    }
+
+
+def resolve_device(requested: str | None) -> str:
+    if requested:
+        return requested
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except Exception:  # pragma: no cover
+        return "cpu"
+
+
+def setup_environment(device: str, local_size: int = 1) -> None:
+    """Environment that must be in place before torch/deepspeed initialise.
+
+    Values already set by the job script win (setdefault).
+    """
+    env = os.environ
+    if device == "cpu":
+        # DeepSpeed otherwise probes CUDA and warns; with this set it uses its
+        # CPU accelerator (gloo / shm comm) straight away.
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        if "OMP_NUM_THREADS" not in env:
+            try:
+                cores = len(os.sched_getaffinity(0))
+            except AttributeError:  # pragma: no cover - non-Linux
+                cores = os.cpu_count() or 1
+            env["OMP_NUM_THREADS"] = str(max(1, cores // max(1, local_size)))
+            if "torch" in sys.modules:  # already imported: its pool may be sized
+                sys.modules["torch"].set_num_threads(int(env["OMP_NUM_THREADS"]))
+    # DeepSpeed JIT-compiles small C++ ops on first use (~25 s each on CPU);
+    # keep the build cache in a persistent place so later runs reuse it.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+def log(msg: str) -> None:
+    print(f"{LOG_PREFIX} {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------
+# preemption
+# ----------------------------------------------------------------------------
+
+
+class PreemptFlag:
+    """Set by SIGUSR2 (Slurm's warning before the time limit)."""
+
+    def __init__(self) -> None:
+        self.signalled = False
+        self.signal_time: float | None = None
+
+    def install(self, signum: int = signal.SIGUSR2) -> "PreemptFlag":
+        def handler(sig, frame):  # noqa: ARG001
+            if not self.signalled:
+                self.signalled = True
+                self.signal_time = time.time()
+                print(f"{LOG_PREFIX} received signal {sig}: will checkpoint and stop after the current step", flush=True)
+
+        signal.signal(signum, handler)
+        # restart interrupted system calls (e.g. inside a gloo/NCCL collective)
+        signal.siginterrupt(signum, False)
+        return self
+
+
+def _any_rank(flag: bool, device: Any) -> bool:
+    """True if ``flag`` is true on any rank (collective when distributed)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------
+# progress file
+# ----------------------------------------------------------------------------
+
+
+class ProgressWriter:
+    """Appends JSON lines to the progress file (rank 0 only); flushed per line."""
+
+    def __init__(self, path: str | None, enabled: bool) -> None:
+        self.path = path if enabled else None
+        if self.path:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.path:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        line = json.dumps(record, default=_json_default)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+
+    def event(self, name: str, **fields: Any) -> None:
+        self.write({"event": name, **fields})
+
+
+def _json_default(o: Any) -> Any:
+    try:
+        return float(o)
+    except Exception:
+        return str(o)
+
+
+def _finite(x: Any) -> float | None:
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def make_callbacks(progress: ProgressWriter, preempt: PreemptFlag, global_batch: int, info: dict):
+    """Build the TrainerCallbacks (imported lazily: transformers is heavy)."""
+    from transformers import TrainerCallback
+
+    class ProgressCallback(TrainerCallback):
+        """Rank 0: progress.jsonl lines and concise step/loss/lr lines on stdout."""
+
+        def __init__(self) -> None:
+            self.last_time = time.time()
+            self.last_step = 0
+            self.summary: dict[str, Any] = {}
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.last_time = time.time()
+            self.last_step = state.global_step
+            if state.is_world_process_zero:
+                progress.event(
+                    "start",
+                    step=state.global_step,
+                    max_steps=state.max_steps,
+                    world_size=info["world_size"],
+                    global_batch_size=global_batch,
+                    resumed_from=info.get("resumed_from"),
+                    hostname=socket.gethostname(),
+                )
+                log(
+                    f"training: step {state.global_step}/{state.max_steps} world_size={info['world_size']} "
+                    f"global_batch={global_batch}"
+                    + (f" resumed_from={info['resumed_from']}" if info.get("resumed_from") else "")
+                )
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            now = time.time()
+            if "loss" in logs:
+                rec: dict[str, Any] = {
+                    "step": state.global_step,
+                    "max_steps": state.max_steps,
+                    "epoch": _finite(state.epoch),
+                    "loss": _finite(logs.get("loss")),
+                    "learning_rate": _finite(logs.get("learning_rate")),
+                }
+                if logs.get("grad_norm") is not None:
+                    rec["grad_norm"] = _finite(logs["grad_norm"])
+                steps = state.global_step - self.last_step
+                if steps > 0 and now > self.last_time:
+                    rec["samples_per_second"] = round(steps * global_batch / (now - self.last_time), 3)
+                self.last_time, self.last_step = now, state.global_step
+                progress.write(rec)
+                log(
+                    f"step {state.global_step}/{state.max_steps} loss={rec['loss']:.4f} "
+                    f"lr={rec['learning_rate'] or 0:.3e} epoch={rec['epoch'] or 0:.3f}"
+                    + (f" samples/s={rec['samples_per_second']}" if "samples_per_second" in rec else "")
+                )
+            elif "eval_loss" in logs:
+                rec = {
+                    "step": state.global_step,
+                    "max_steps": state.max_steps,
+                    "epoch": _finite(state.epoch),
+                    "eval_loss": _finite(logs["eval_loss"]),
+                }
+                progress.write(rec)
+                log(f"eval step {state.global_step}: eval_loss={rec['eval_loss']}")
+            elif "train_runtime" in logs:
+                self.summary = {k: _finite(v) for k, v in logs.items() if _finite(v) is not None}
+
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+                progress.event("checkpoint", step=state.global_step, path=path)
+                log(f"checkpoint saved: {path}")
+
+    class PreemptCallback(TrainerCallback):
+        """All ranks: on SIGUSR2 (any rank) save a checkpoint and stop at this step end."""
+
+        def __init__(self) -> None:
+            self.stopped_at: int | None = None
+
+        def on_step_end(self, args, state, control, **kw):
+            if _any_rank(preempt.signalled, args.device):
+                self.stopped_at = state.global_step
+                control.should_save = True
+                control.should_log = True
+                control.should_evaluate = False
+                control.should_training_stop = True
+            return control
+
+    return ProgressCallback(), PreemptCallback()
+
+
+# ----------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------
+
+
+def find_resume_checkpoint(checkpoint_dir: str, resume: str, *, deepspeed: bool) -> str | None:
+    """Latest complete ``checkpoint-N`` (has trainer_state.json; with DeepSpeed
+    also its engine state) or None. ``resume`` may also name a checkpoint."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        if not Path(resume, "trainer_state.json").is_file():
+            raise HpcjobsError(f"{resume}: not a complete Trainer checkpoint (no trainer_state.json)")
+        return resume
+    d = Path(checkpoint_dir)
+    if not d.is_dir():
+        return None
+    found = []
+    for c in d.iterdir():
+        if c.is_dir() and c.name.startswith("checkpoint-") and c.name[len("checkpoint-"):].isdigit():
+            found.append((int(c.name[len("checkpoint-"):]), c))
+    for step, c in sorted(found, reverse=True):
+        complete = (c / "trainer_state.json").is_file()
+        if complete and deepspeed:
+            complete = (c / "latest").is_file() or any(c.glob("global_step*"))
+        if complete:
+            return str(c)
+        log(f"warning: skipping incomplete checkpoint {c}")
+    return None
+
+
+def fix_adapter_config(adapter_dir: str, base_model_path: str) -> None:
+    """Make sure adapter_config.json records the absolute base model path."""
+    cfg_path = Path(adapter_dir) / "adapter_config.json"
+    if not cfg_path.is_file():
+        return
+    cfg = json.loads(cfg_path.read_text())
+    want = str(Path(base_model_path).resolve())
+    if cfg.get("base_model_name_or_path") != want:
+        cfg["base_model_name_or_path"] = want
+        tmp = cfg_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        os.replace(tmp, cfg_path)
+
+
+# ----------------------------------------------------------------------------
+# model / tokenizer
+# ----------------------------------------------------------------------------
+
+
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def _checkpointing_field(args_cls) -> str:
+    """transformers 5.2x renamed gradient_checkpointing -> activation_checkpointing."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(args_cls)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+# ----------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m hpcjobs.train.finetune", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True, help="train.json")
+    # added by the DeepSpeed launcher; LOCAL_RANK in the environment is what we use
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # first thing: SIGUSR2 must never kill a rank, even during the imports
+    preempt = PreemptFlag().install()
+    args = parse_args(argv)
+    info: dict[str, Any] = rank_info()
+    progress = ProgressWriter(None, False)
+    try:
+        cfg = load_train_config(args.config)
+        device = resolve_device(cfg["device"])
+        setup_environment(device, info["local_size"])
+        log(
+            f"rank={info['rank']} world_size={info['world_size']} local_rank={info['local_rank']} "
+            f"node_rank={info['node_rank']} hostname={socket.gethostname()} pid={os.getpid()} device={device} "
+            f"deepspeed={'yes' if cfg['deepspeed_config'] else 'no'}"
+        )
+        progress = ProgressWriter(cfg["progress_file"], info["rank"] == 0)
+        return run(cfg, device, info, preempt, progress)
+    except HpcjobsError as e:
+        log(f"error: {e}")
+        progress.event("error", message=str(e))
+        return 2
+    except Exception as e:
+        traceback.print_exc()
+        progress.event("error", message=f"{type(e).__name__}: {e}")
+        return 1
+
+
+def run(cfg: dict, device: str, info: dict, preempt: PreemptFlag, progress: ProgressWriter) -> int:
+    import warnings
+
+    from hpcjobs.train.data import load_splits
+
+    # known, harmless deprecation chatter from inside transformers/torch (x every rank)
+    for pattern in (r".*is_gradient_checkpointing.*", r".*all_gather_into_tensor.*"):
+        warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
+
+    t = cfg["train"]
+    use_cpu = device == "cpu"
+
+    import transformers
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    if info["rank"] != 0:
+        transformers.utils.logging.disable_progress_bar()
+
+    if use_cpu and t["precision"] == "fp16":
+        raise HpcjobsError("train.precision fp16 is not supported on CPU; use fp32 (or bf16)")
+
+    # inputs are checked before the distributed rendezvous, so a bad path or
+    # column fails every rank at once instead of leaving peers waiting
+    model_path = cfg["model_path"]
+    if not Path(model_path, "config.json").is_file():
+        raise HpcjobsError(f"{model_path}: not a Hugging Face model directory (no config.json)")
+    splits = load_splits(cfg["data"])
+    if info["rank"] == 0:
+        log(f"data: train={len(splits['train'])} test={len(splits['test'])} eval={len(splits['eval'])} rows")
+
+    eval_steps = t.get("eval_steps")
+    report_eval = bool(eval_steps)
+    sft_args = SFTConfig(
+        output_dir=cfg["checkpoint_dir"],
+        per_device_train_batch_size=t["micro_batch_size"],
+        per_device_eval_batch_size=t.get("eval_batch_size") or t["micro_batch_size"],
+        gradient_accumulation_steps=t["gradient_accumulation_steps"],
+        learning_rate=float(t["learning_rate"]),
+        max_steps=int(t["max_steps"]),
+        num_train_epochs=float(t["num_train_epochs"]),
+        warmup_steps=t["warmup_steps"] or 0,
+        lr_scheduler_type=t["lr_scheduler_type"],
+        max_length=t["max_seq_length"],
+        packing=bool(t.get("packing")),
+        dataset_text_field="text",
+        **{_checkpointing_field(SFTConfig): bool(t["gradient_checkpointing"])},
+        bf16=t["precision"] == "bf16",
+        fp16=t["precision"] == "fp16",
+        max_grad_norm=float(t["max_grad_norm"]),
+        logging_steps=t["logging_steps"],
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t["save_steps"],
+        save_total_limit=t["save_total_limit"],
+        eval_strategy="steps" if report_eval else "no",
+        eval_steps=eval_steps if report_eval else None,
+        seed=int(t["seed"]),
+        data_seed=int(t["seed"]),
+        optim=t["optim"],
+        deepspeed=cfg["deepspeed_config"],
+        use_cpu=use_cpu,
+        report_to="none",
+        disable_tqdm=True,
+        log_level="warning",
+        log_level_replica="warning",
+        ddp_find_unused_parameters=False,
+        save_only_model=False,
+    )
+    # TrainingArguments initialised torch.distributed (and DeepSpeed) by now
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        log(
+            f"distributed: rank={dist.get_rank()} world_size={dist.get_world_size()} "
+            f"backend={dist.get_backend()} hostname={socket.gethostname()}"
+        )
+    info["world_size"] = sft_args.world_size
+    global_batch = t["micro_batch_size"] * t["gradient_accumulation_steps"] * sft_args.world_size
+
+    tokenizer = load_tokenizer(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(t["precision"]))
+    model.config.use_cache = False
+
+    lora = cfg["lora"]
+    peft_config = LoraConfig(
+        r=int(lora["r"]),
+        lora_alpha=int(lora["alpha"]),
+        lora_dropout=float(lora["dropout"]),
+        target_modules=list(lora["target_modules"]),
+        bias=lora["bias"],
+        task_type="CAUSAL_LM",
+    )
+
+    resume_from = find_resume_checkpoint(
+        cfg["checkpoint_dir"], cfg["resume"], deepspeed=bool(cfg["deepspeed_config"])
+    )
+    info["resumed_from"] = resume_from
+    progress_cb, preempt_cb = make_callbacks(progress, preempt, global_batch, info)
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_args,
+        train_dataset=splits["train"],
+        eval_dataset=splits["eval"] if report_eval and len(splits["eval"]) else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[progress_cb, preempt_cb],
+    )
+    trainer.remove_callback(PrinterCallback)  # our ProgressCallback prints the step lines
+    if info["rank"] == 0:
+        trainable, total = trainer.model.get_nb_trainable_parameters()
+        log(f"lora: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
+        if resume_from:
+            log(f"resuming from {resume_from}")
+
+    result = trainer.train(resume_from_checkpoint=resume_from)
+
+    if preempt_cb.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
+        step = preempt_cb.stopped_at
+        ckpt = os.path.join(cfg["checkpoint_dir"], f"checkpoint-{step}")
+        _barrier()  # every rank has written its part of the checkpoint
+        if info["rank"] == 0:
+            progress.event("preempted", step=step, max_steps=trainer.state.max_steps, checkpoint=ckpt)
+        log(f"preempted: checkpoint {ckpt} saved at step {step}; exiting with {EXIT_PREEMPTED}")
+        _shutdown()
+        return EXIT_PREEMPTED
+
+    trainer.save_model(cfg["output_dir"])  # rank 0 writes; collective-safe under DeepSpeed
+    if trainer.args.should_save:
+        fix_adapter_config(cfg["output_dir"], model_path)
+        from hpcjobs.train.merge import fix_permissions
+
+        fix_permissions(Path(cfg["output_dir"]))
+    _barrier()
+    if info["rank"] == 0:
+        summary = dict(progress_cb.summary)
+        summary.update(
+            step=trainer.state.global_step,
+            max_steps=trainer.state.max_steps,
+            adapter=cfg["output_dir"],
+            train_loss=_finite(getattr(result, "training_loss", None)),
+        )
+        progress.event("end", **summary)
+        log(f"done: adapter saved to {cfg['output_dir']} (step {trainer.state.global_step})")
+    _shutdown()
+    return 0
+
+
+def _shutdown() -> None:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # pragma: no cover - best effort at exit
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
