@@ -189,8 +189,9 @@ def submit(recipe, nodes, profile, name, config_files, hostfile, include, exclud
 def status(chain, as_json):
     """Each stage's job, state, elapsed time, nodes, exit code and reason.
 
-    CHAIN is a chain id, a unique prefix of one, or a run directory; default:
-    the most recent chain. A failed stage shows the end of its log.
+    CHAIN is a chain id, a chain name (its latest chain), a unique id prefix or
+    a run directory; default: the most recent chain. A failed stage shows the
+    end of its log.
     """
     from . import records, status as st
 
@@ -211,6 +212,45 @@ def _latest():
     if not recs:
         raise HpcjobsError("no chains yet", hint="submit one with `hpcjobs submit RECIPE`")
     return recs[-1]
+
+
+@cli.command()
+@click.argument("chain", required=False)
+@click.option("--interval", "-n", default=5.0, show_default=True, help="Seconds between refreshes.")
+def watch(chain, interval):
+    """Follow a chain live until it ends: states, elapsed times, training progress.
+
+    The finetune stage shows step/total, loss, learning rate, throughput and ETA
+    from its trainer log. Each refresh is one squeue and one sacct call. Exits 0
+    when the chain completed, 1 when it failed or was cancelled.
+    """
+    from . import display, records
+
+    rec = records.find(chain) if chain else _latest()
+    final = display.watch(rec, interval)
+    sys.exit(0 if final == "COMPLETED" else 1)
+
+
+@cli.command()
+@click.argument("chain")
+@click.argument("stage", required=False)
+@click.option("--attempt", "-a", type=int, default=None, help="Attempt number (default: the latest).")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing as the log grows, until the job ends.")
+@click.option("--lines", "-l", type=int, default=None, help="Only the last N lines.")
+def logs(chain, stage, attempt, follow, lines):
+    """Print a stage's Slurm log (default stage: the failed one, else the running one, else the last)."""
+    from . import display, records, status as st
+
+    rec = records.find(chain)
+    if stage is None:
+        cs = st.collect([rec])[0]
+        pick = (next((s for s in cs.stages if s.failed), None)
+                or next((s for s in cs.stages if s.state == "RUNNING"), None)
+                or next((s for s in reversed(cs.stages) if s.job_id), None))
+        if pick is None:
+            raise HpcjobsError(f"chain {rec.chain_id} has no submitted stage yet")
+        stage = pick.name
+    display.logs(rec, stage, attempt, follow=follow, lines=lines)
 
 
 @cli.command(name="list")

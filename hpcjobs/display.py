@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from typing import List
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
-from .status import ChainStatus, StageStatus, tail
+from . import progress as progress_mod
+from .errors import HpcjobsError
+from .records import ChainRecord
+from .slurm import LIVE_STATES
+from .status import ChainStatus, StageStatus, collect, tail
+
+FINAL = ("COMPLETED", "FAILED", "CANCELLED", "SUBMIT_FAILED")
 
 _STYLE = {
     "COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "FAILED": "red",
@@ -41,22 +52,41 @@ def _why(s: StageStatus) -> str:
     return s.reason
 
 
-def chain_status(cs: ChainStatus) -> None:
-    con = _console()
-    r = cs.record
-    con.print(f"chain [bold]{r.chain_id}[/bold]  {_state(cs.state)}   recipe {r.recipe}, profile {r.profile}")
-    con.print(f"run directory {r.run_dir}")
-    if r.error:
-        con.print(f"[red]{r.error}[/red]")
-    for w in cs.warnings:
-        con.print(f"[yellow]warning:[/yellow] {w}")
+def stage_progress(cs: ChainStatus, s: StageStatus) -> Optional[progress_mod.Progress]:
+    if s.kind != "finetune":
+        return None
+    return progress_mod.read(cs.record.attempt_dir(s.name, s.attempt) / "progress.jsonl")
+
+
+def _status_table(cs: ChainStatus) -> Table:
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("stage", "job", "try", "state", "elapsed", "nodes", "exit", "reason"):
+    for col in ("stage", "job", "try", "state", "elapsed", "nodes", "exit", "reason / progress"):
         table.add_column(col)
     for s in cs.stages:
+        note = _why(s)
+        prog = stage_progress(cs, s) if s.state in ("RUNNING", "COMPLETED") or s.failed else None
+        if prog is not None:
+            note = prog.line() if not note else f"{note}; {prog.line()}"
         table.add_row(s.name, s.job_id or "-", str(s.attempt), _state(s.state), s.elapsed,
-                      s.nodes, _exit(s), _why(s))
-    con.print(table)
+                      s.nodes, _exit(s), Text(note))
+    return table
+
+
+def _header(cs: ChainStatus) -> List[str]:
+    r = cs.record
+    lines = [f"chain [bold]{r.chain_id}[/bold]  {_state(cs.state)}   recipe {r.recipe}, profile {r.profile}",
+             f"run directory {r.run_dir}"]
+    if r.error:
+        lines.append(f"[red]{r.error}[/red]")
+    lines += [f"[yellow]warning:[/yellow] {w}" for w in cs.warnings]
+    return lines
+
+
+def chain_status(cs: ChainStatus) -> None:
+    con = _console()
+    for line in _header(cs):
+        con.print(line)
+    con.print(_status_table(cs))
     for s in cs.stages:
         if s.failed:
             con.print(f"\n[red]{s.name} {s.state}[/red]" + (f" on {s.nodes}" if s.nodes else "")
@@ -64,6 +94,77 @@ def chain_status(cs: ChainStatus) -> None:
                       + f"; log {s.log}")
             for line in tail(s.log, 10):
                 con.print(f"  | {line}", markup=False)
+            con.print(f"  rerun it: hpcjobs rerun {cs.record.chain_id}", markup=False)
+
+
+def watch(rec: ChainRecord, interval: float) -> str:
+    """Refresh until the chain reaches a final state; returns that state."""
+    con = _console()
+    if con.is_terminal:
+        with Live(console=con, refresh_per_second=4, transient=False) as live:
+            while True:
+                cs = collect([rec])[0]
+                live.update(Group(*[Text.from_markup(x) for x in _header(cs)], _status_table(cs)))
+                if cs.state in FINAL:
+                    break
+                time.sleep(interval)
+        chain_status(cs) if cs.state != "COMPLETED" else None
+        return cs.state
+    # Not a terminal (CI, a log file): one line whenever something changes.
+    last = None
+    while True:
+        cs = collect([rec])[0]
+        parts = []
+        for s in cs.stages:
+            prog = stage_progress(cs, s) if s.state == "RUNNING" else None
+            parts.append(f"{s.name}={s.state}" + (f" ({prog.line()})" if prog else ""))
+        line = f"{cs.record.chain_id} {cs.state}: " + "  ".join(parts)
+        if line != last:
+            print(time.strftime("%H:%M:%S"), line, flush=True)
+            last = line
+        if cs.state in FINAL:
+            if cs.state != "COMPLETED":
+                chain_status(cs)
+            return cs.state
+        time.sleep(interval)
+
+
+def logs(rec: ChainRecord, stage: str, attempt: Optional[int], *, follow: bool, lines: Optional[int]) -> None:
+    st = rec.stage(stage)
+    att = st.current if attempt is None else next((a for a in st.attempts if a.n == attempt), None)
+    if att is None:
+        raise HpcjobsError(f"stage {stage} has attempts {', '.join(str(a.n) for a in st.attempts)}; "
+                           f"no attempt {attempt}")
+    if not att.job_id:
+        raise HpcjobsError(f"stage {stage} attempt {att.n} was never submitted")
+    path = rec.attempt_dir(stage, att.n) / f"slurm-{att.job_id}.out"
+    out = sys.stdout
+    pos = 0
+    if lines is not None:
+        text = "\n".join(tail(str(path), lines))
+        out.write(text + ("\n" if text else ""))
+        pos = path.stat().st_size if path.exists() else 0
+    next_check = 0.0
+    while True:
+        if path.exists():
+            with open(path, "rb") as f:
+                f.seek(pos)
+                chunk = f.read()
+            if chunk:
+                out.write(chunk.decode("utf-8", "replace"))
+                out.flush()
+                pos += len(chunk)
+        elif not follow:
+            raise HpcjobsError(f"no log yet at {path} (the job has not started)")
+        if not follow:
+            return
+        if time.monotonic() >= next_check:
+            s = next(x for x in collect([rec])[0].stages if x.name == stage)
+            if s.job_id != att.job_id or (s.state not in LIVE_STATES and s.state != "UNKNOWN"):
+                if path.exists() and path.stat().st_size == pos:
+                    return
+            next_check = time.monotonic() + 3
+        time.sleep(0.5)
 
 
 def chain_list(statuses: List[ChainStatus]) -> None:

@@ -181,13 +181,16 @@ def scan(root: Path) -> List[ChainRecord]:
 
 
 def find(ref: str) -> ChainRecord:
-    """A chain by id, unique id prefix, or run directory path."""
+    """A chain by id, run directory path, name (the latest chain of that name), or unique id prefix."""
     p = Path(ref).expanduser()
     if (p / RECORD).is_file():
         return ChainRecord.load(p)
     known = indexed()
     if ref in known:
         return ChainRecord.load(known[ref])
+    named = [r for r in all_records() if r.name == ref]
+    if named:
+        return named[-1]
     matches = [c for c in known if c.startswith(ref)]
     if len(matches) == 1:
         return ChainRecord.load(known[matches[0]])

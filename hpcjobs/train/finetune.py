@@ -148,6 +148,8 @@ def load_train_config(path: str | os.PathLike) -> dict[str, Any]:
     if device not in (None, "cuda", "cpu"):
         raise HpcjobsError(f"{p}: device: expected 'cuda' or 'cpu', got {device!r}")
     cfg["device"] = device
+    # Ranks the job was planned for (hpcjobs writes it; the DeepSpeed batch size depends on it).
+    cfg["world_size"] = raw.get("world_size")
 
     data = dict(raw.get("data") or {})
     if not data.get("path"):
@@ -505,6 +507,11 @@ def main(argv: list[str] | None = None) -> int:
             f"deepspeed={'yes' if cfg['deepspeed_config'] else 'no'}"
         )
         progress = ProgressWriter(cfg["progress_file"], info["rank"] == 0)
+        planned = cfg.get("world_size")
+        if planned and planned != info["world_size"]:
+            # The DeepSpeed config's train_batch_size was computed for the planned world size.
+            raise HpcjobsError(f"the launcher started {info['world_size']} ranks but this job was planned, "
+                               f"and its DeepSpeed batch size computed, for {planned}")
         return run(cfg, device, info, preempt, progress)
     except HpcjobsError as e:
         log(f"error: {e}")
