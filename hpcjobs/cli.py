@@ -253,6 +253,41 @@ def logs(chain, stage, attempt, follow, lines):
     display.logs(rec, stage, attempt, follow=follow, lines=lines)
 
 
+@cli.command(epilog=EPILOG_OVERRIDES)
+@click.argument("chain")
+@click.option("--from", "from_stage", default=None,
+              help="Rerun this stage and everything after it (default: the first failed stage).")
+@click.option("--fresh", is_flag=True,
+              help="Finetune starts over instead of resuming from its latest checkpoint "
+                   "(the old checkpoints are moved aside, not deleted).")
+@click.option("--json", "as_json", is_flag=True, help='Print {"chain": ..., "jobs": {stage: job_id}}.')
+@click.argument("overrides", nargs=-1)
+def rerun(chain, from_stage, fresh, as_json, overrides):
+    """Resubmit the failed stage (or --from STAGE) and every stage after it.
+
+    Completed stages are not run again. Each rerun stage gets a new attempt
+    with its own directory, log and overrides, e.g. a smaller micro batch after
+    an out-of-memory failure:
+
+    \b
+      hpcjobs rerun CHAIN finetune.micro_batch_size=8 finetune.grad_accum=2
+
+    Rerunning finetune resumes from its latest checkpoint unless --fresh.
+    Downstream jobs still waiting on the failed one are cancelled and replaced.
+    """
+    from . import records
+    from . import rerun as reruns
+
+    rec = records.find(chain)
+    ids = reruns.rerun(rec, from_stage=from_stage, overrides=overrides, fresh=fresh)
+    if as_json:
+        click.echo(json.dumps({"chain": rec.chain_id, "jobs": ids}))
+        return
+    click.echo(f"rerunning {', '.join(ids)} of {rec.chain_id}")
+    for name, job in ids.items():
+        click.echo(f"  {name:<10} job {job}  attempt {rec.stage(name).current.n}")
+
+
 @cli.command(name="list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 @click.option("--scan", type=click.Path(file_okay=False, exists=True), default=None,

@@ -260,7 +260,24 @@ def compose(recipe_ref: str, profile_ref: str, *, config_files: Sequence[str] = 
         layers.append(Layer("command line", None, OmegaConf.to_container(tmp)))  # type: ignore[arg-type]
     if overrides:
         layers.append(overrides_layer(overrides))
+    return _merge_layers(kinds, layers, recipe, list(cli_text) + list(overrides))
 
+
+def compose_saved(saved: Path, recipe: catalog.Entry, overrides: Sequence[str] = ()) -> Composed:
+    """A chain's saved, resolved configuration (``<run dir>/config.yaml``) plus new overrides.
+
+    Reruns start from here, so a stage runs again with exactly what it ran with
+    before, changed only by what the user now overrides.
+    """
+    data, lines = yamlfile.read(saved, what="chain config")
+    layer = Layer("chain config", saved, data, lines)
+    kinds = read_pipeline(data, layer)
+    layers = [layer] + ([overrides_layer(overrides)] if overrides else [])
+    return _merge_layers(kinds, layers, recipe, list(overrides))
+
+
+def _merge_layers(kinds: Dict[str, str], layers: List[Layer], recipe: catalog.Entry,
+                  overrides_text: List[str]) -> Composed:
     cfg = _schema_for(kinds)
     origin: Dict[str, Layer] = {}
     for layer in layers:
@@ -270,8 +287,7 @@ def compose(recipe_ref: str, profile_ref: str, *, config_files: Sequence[str] = 
     OmegaConf.set_readonly(cfg, False)
     if not cfg.run.name:
         cfg.run.name = cfg.recipe.name
-    return Composed(cfg, layers, origin, recipe, str(cfg.profile.name),
-                    list(cli_text) + list(overrides))
+    return Composed(cfg, layers, origin, recipe, str(cfg.profile.name), overrides_text)
 
 
 def resolve(composed: Composed) -> Any:

@@ -58,18 +58,18 @@ def stage_progress(cs: ChainStatus, s: StageStatus) -> Optional[progress_mod.Pro
     return progress_mod.read(cs.record.attempt_dir(s.name, s.attempt) / "progress.jsonl")
 
 
-def _status_table(cs: ChainStatus) -> Table:
+def _status_table(cs: ChainStatus) -> Group:
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("stage", "job", "try", "state", "elapsed", "nodes", "exit", "reason / progress"):
+    for col in ("stage", "job", "try", "state", "elapsed", "nodes", "exit", "reason"):
         table.add_column(col)
+    notes = []
     for s in cs.stages:
-        note = _why(s)
+        table.add_row(s.name, s.job_id or "-", str(s.attempt), _state(s.state), s.elapsed,
+                      s.nodes, _exit(s), Text(_why(s)))
         prog = stage_progress(cs, s) if s.state in ("RUNNING", "COMPLETED") or s.failed else None
         if prog is not None:
-            note = prog.line() if not note else f"{note}; {prog.line()}"
-        table.add_row(s.name, s.job_id or "-", str(s.attempt), _state(s.state), s.elapsed,
-                      s.nodes, _exit(s), Text(note))
-    return table
+            notes.append(Text(f"{s.name}: {prog.line()}"))
+    return Group(table, *notes)
 
 
 def _header(cs: ChainStatus) -> List[str]:

@@ -11,6 +11,7 @@ command stage's body, the ``#SBATCH`` lines built here) is marked with the
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
@@ -154,7 +155,14 @@ def _stage_files(plan: ChainPlan, sp: StagePlan) -> Dict[str, str]:
         if sp.pool is not None:
             files["hostfile.requested"] = "".join(f"{h} slots={n}\n" for h, n in sp.pool.items())
     elif sp.kind == "evaluate":
-        files["eval.json"] = _json({"data": _plain(chain.data)})
+        # The same shape as a finetune's train.json, so the held-out split is built the same way.
+        files["eval.json"] = _json({
+            "model_path": s.base,
+            "output_dir": s.output,
+            "device": chain.profile.accelerator,
+            "data": _plain(chain.data),
+            "train": {"max_seq_length": s.max_seq_length},
+        })
     return files
 
 
@@ -235,17 +243,15 @@ def write_tree(rendered: RenderedChain, run_dir: Path) -> List[Path]:
     written: List[Path] = []
     run_dir.mkdir(parents=True, exist_ok=True)
     for name, text in rendered.files.items():
-        written.append(_write(run_dir / name, text, executable=name.endswith(".sh")))
+        written.append(write_file(run_dir / name, text, executable=name.endswith(".sh")))
     for st in rendered.stages:
         st.attempt_dir.mkdir(parents=True, exist_ok=True)
         for name, text in st.files.items():
-            written.append(_write(st.attempt_dir / name, text, executable=name == SCRIPT))
+            written.append(write_file(st.attempt_dir / name, text, executable=name == SCRIPT))
     return written
 
 
-def _write(path: Path, text: str, *, executable: bool = False) -> Path:
-    import os
-
+def write_file(path: Path, text: str, *, executable: bool = False) -> Path:
     mode = 0o777 if executable else 0o666  # open() applies the umask
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "w") as f:

@@ -228,6 +228,8 @@ class EvaluateStage(StageCfg):
     prompts: Optional[str] = None
     """Prompts file, one prompt per line; None: the first test-split rows without the answer column."""
     max_new_tokens: int = 150
+    max_seq_length: int = 512
+    """Length the held-out texts are cut to for the loss (as in training)."""
     output: str = "${run.dir}/eval"
 
 

@@ -59,7 +59,6 @@ class AcctInfo:
     nodes: str
     start: str
     end: str
-    reason: str
 
 
 def parse_job_id(text: str) -> str:
@@ -151,7 +150,7 @@ class Slurm:
 
         proc = self.run(["sacct", "--parsable2", "--allocations", f"--jobs={','.join(job_ids)}",
                          f"--starttime={starttime}",
-                         "--format=JobID,JobName,State,ExitCode,Elapsed,NodeList,Start,End,Reason"],
+                         "--format=JobID,JobName,State,ExitCode,Elapsed,NodeList,Start,End"],
                         check=False, error_cls=AccountingUnavailable)
         if proc.returncode != 0:
             raise AccountingUnavailable(f"sacct failed: {(proc.stderr or proc.stdout).strip()}")
@@ -162,7 +161,7 @@ class Slurm:
                 jid, row.get("JobName", ""), (row.get("State") or "UNKNOWN").split()[0],
                 int(code) if code.isdigit() else None, int(sig) if sig.isdigit() else None,
                 row.get("Elapsed", ""), row.get("NodeList", ""), row.get("Start", ""),
-                row.get("End", ""), row.get("Reason", ""))
+                row.get("End", ""))
         return out
 
     def partition_nodes(self, partition: Optional[str]) -> Dict[str, Dict[str, str]]:

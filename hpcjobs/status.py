@@ -123,7 +123,7 @@ def _stage_status(record: ChainRecord, name: str, queue: Dict[str, QueueInfo],
     elif a and a.state not in LIVE_STATES:
         s.state, s.exit_code, s.signal, s.source = a.state, a.exit_code, a.signal, "sacct"
         s.elapsed, s.nodes, s.start, s.end = a.elapsed, a.nodes, a.start, a.end
-        s.reason = "" if a.reason in ("None", "") else a.reason
+        # sacct's Reason of a finished job is its last *pending* reason: not why it ended.
     elif q:  # finished, still in slurmctld's memory, accounting not (yet) there
         s.state, s.nodes, s.elapsed, s.source = q.state, q.nodes, q.elapsed, "squeue"
         if marker:
