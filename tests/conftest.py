@@ -76,6 +76,14 @@ def hpcjobs():
     return CLI()
 
 
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory, hpcjobs_home):
+    """The tiny Meta checkpoint, dialogue parquet, prompts and demo.yaml (`hpcjobs demo-assets`)."""
+    out = tmp_path_factory.mktemp("demo")
+    CLI()("demo-assets", out)
+    return out
+
+
 def wait_for(predicate, timeout=120, interval=0.5, what="condition"):
     deadline = time.monotonic() + timeout
     last = None

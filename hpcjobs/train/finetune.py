@@ -504,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         log(
             f"rank={info['rank']} world_size={info['world_size']} local_rank={info['local_rank']} "
             f"node_rank={info['node_rank']} hostname={socket.gethostname()} pid={os.getpid()} device={device} "
+            f"visible_devices={os.environ.get('CUDA_VISIBLE_DEVICES', '-')} "
             f"deepspeed={'yes' if cfg['deepspeed_config'] else 'no'}"
         )
         progress = ProgressWriter(cfg["progress_file"], info["rank"] == 0)
