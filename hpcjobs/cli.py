@@ -318,6 +318,7 @@ def cancel(chain):
     rec = records.find(chain)
     cs = st.collect([rec])[0]
     live = [s.job_id for s in cs.stages if s.job_id and s.state in LIVE_STATES | {"UNKNOWN"}]
+    live += [j for s in cs.stages for j in s.orphans]
     Slurm(rec.slurm_conf).cancel(live)
     rec.submission = "cancelled"
     rec.save()

@@ -44,12 +44,18 @@ def _exit(s: StageStatus) -> str:
 
 def _why(s: StageStatus) -> str:
     if s.blocked_by:
-        return f"blocked: upstream {s.blocked_by} failed (DependencyNeverSatisfied)"
-    if s.reason == "Dependency":
-        return "waiting for upstream stages"
-    if s.reason == "JobHeldUser":
-        return "held (submission not finished)"
-    return s.reason
+        why = f"blocked: upstream {s.blocked_by} failed (DependencyNeverSatisfied)"
+    elif s.reason == "Dependency":
+        why = "waiting for upstream stages"
+    elif s.reason == "JobHeldUser":
+        why = "held (submission not finished)"
+    else:
+        why = s.reason
+    if s.history:
+        last = s.history[-1]
+        requeued = f"requeued {len(s.history)}x (last run: {last['state']} on {last['nodes'] or '?'})"
+        why = f"{why}; {requeued}" if why else requeued
+    return why
 
 
 def stage_progress(cs: ChainStatus, s: StageStatus) -> Optional[progress_mod.Progress]:
@@ -91,6 +97,7 @@ def chain_status(cs: ChainStatus) -> None:
         if s.failed:
             con.print(f"\n[red]{s.name} {s.state}[/red]" + (f" on {s.nodes}" if s.nodes else "")
                       + (f", exit code {_exit(s)}" if s.exit_code is not None else "")
+                      + (f"; a task failed on {', '.join(s.failed_nodes)}" if s.failed_nodes else "")
                       + f"; log {s.log}")
             for line in tail(s.log, 10):
                 con.print(f"  | {line}", markup=False)

@@ -74,19 +74,22 @@ def _runner_arg(argv: List[str], name: str) -> Optional[str]:
 
 
 def cmd_node(argv: List[str]) -> int:
-    node_rank = os.environ.get("SLURM_NODEID")
-    if node_rank is None:
+    # submitit's view of the Slurm job environment (node id, parsed SLURM_JOB_NODELIST).
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    if "SLURM_NODEID" not in os.environ:
         raise HpcjobsError("SLURM_NODEID is not set: `hpcjobs.launch node` runs under srun inside the job")
+    job = SlurmJobEnvironment()
+    node_rank = job.node
+    node_name = os.environ.get("SLURMD_NODENAME") or job.hostnames[node_rank]
     hostfile = _runner_arg(argv, "hostfile")
-    node_name = os.environ.get("SLURMD_NODENAME")
-    if hostfile and node_name:
+    if hostfile:
         hosts = list(hostspec.read_hostfile(hostfile))
-        rank = int(node_rank)
-        if rank >= len(hosts) or hosts[rank] != node_name:
+        if node_rank >= len(hosts) or hosts[node_rank] != node_name:
             raise HpcjobsError(
-                f"node {node_name} has SLURM_NODEID {rank}, but line {rank + 1} of {hostfile} is "
-                f"{hosts[rank] if rank < len(hosts) else '(missing)'}: DeepSpeed would give this node "
-                "another node's ranks")
+                f"node {node_name} has SLURM_NODEID {node_rank}, but line {node_rank + 1} of {hostfile} is "
+                f"{hosts[node_rank] if node_rank < len(hosts) else '(missing)'}: DeepSpeed would give this "
+                "node another node's ranks")
     cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--no_ssh",
            f"--node_rank={node_rank}", *argv]
     print(f"hpcjobs: node {node_name or '?'} (node rank {node_rank}): {' '.join(cmd)}", flush=True)

@@ -7,8 +7,8 @@ the number of stages or chains: both take a list of job ids.
 
 We call sbatch directly rather than through submitit's executor: submitit
 submits pickled Python callables, while hpcjobs submits rendered scripts that
-a user can read and ``sbatch`` by hand. sacct's parsable output is read with
-submitit's parser (:meth:`submitit.slurm.slurm.SlurmInfoWatcher.read_info`).
+a user can read and ``sbatch`` by hand. (submitit's sacct parser keeps one row
+per job id; status needs every run of a requeued job, so sacct is parsed here.)
 """
 
 from __future__ import annotations
@@ -112,9 +112,15 @@ class Slurm:
             self.run(["scontrol", "release", ",".join(job_ids)])
 
     def cancel(self, job_ids: Sequence[str], *, signal: Optional[str] = None) -> None:
-        if job_ids:
-            args = ["scancel"] + ([f"--signal={signal}"] if signal else []) + list(job_ids)
-            self.run(args)
+        """Cancel (or signal) jobs; ids slurmctld no longer knows are ignored."""
+        if not job_ids:
+            return
+        args = ["scancel"] + ([f"--signal={signal}"] if signal else []) + list(job_ids)
+        proc = self.run(args, check=False)
+        problems = [line for line in proc.stderr.splitlines()
+                    if line.strip() and "Invalid job id" not in line and "already completing" not in line]
+        if proc.returncode != 0 and problems:
+            raise SlurmError(f"`{' '.join(args)}` failed (exit {proc.returncode}): {' '.join(problems)}")
 
     def set_dependency(self, job_id: str, upstream: Sequence[str]) -> None:
         dep = ("afterok:" + ":".join(upstream)) if upstream else ""
@@ -132,37 +138,37 @@ class Slurm:
             if "Invalid job id" in proc.stderr:
                 return {}  # none of them is known any more
             raise SlurmError(f"squeue failed (exit {proc.returncode}): {proc.stderr.strip()}")
-        out: Dict[str, QueueInfo] = {}
-        for line in proc.stdout.splitlines():
-            parts = line.split("|")
-            if len(parts) < 7:
-                continue
-            jid = parts[0].strip()
-            out[jid] = QueueInfo(jid, parts[1], parts[2].strip(), parts[3].strip(), parts[4].strip(),
-                                 parts[5].strip(), parts[6].strip())
-        return out
+        return _parse_squeue(proc.stdout)
 
-    def sacct(self, job_ids: Sequence[str], *, starttime: str) -> Dict[str, AcctInfo]:
-        """Accounting records of the jobs (allocations only), the latest run of each."""
+    def sacct(self, job_ids: Sequence[str], *, starttime: str) -> Dict[str, List[AcctInfo]]:
+        """Accounting records of the jobs (allocations only): every run of each, oldest first.
+
+        A requeued job has one record per run (``--duplicates``); the last is the current one.
+        """
         if not job_ids:
             return {}
-        from submitit.slurm.slurm import SlurmInfoWatcher  # light; parses --parsable2 with a header
-
-        proc = self.run(["sacct", "--parsable2", "--allocations", f"--jobs={','.join(job_ids)}",
-                         f"--starttime={starttime}",
+        proc = self.run(["sacct", "--parsable2", "--noheader", "--allocations", "--duplicates",
+                         f"--jobs={','.join(job_ids)}", f"--starttime={starttime}",
                          "--format=JobID,JobName,State,ExitCode,Elapsed,NodeList,Start,End"],
                         check=False, error_cls=AccountingUnavailable)
         if proc.returncode != 0:
             raise AccountingUnavailable(f"sacct failed: {(proc.stderr or proc.stdout).strip()}")
-        out: Dict[str, AcctInfo] = {}
-        for jid, row in SlurmInfoWatcher().read_info(proc.stdout).items():
-            code, _, sig = (row.get("ExitCode") or "").partition(":")
-            out[jid] = AcctInfo(
-                jid, row.get("JobName", ""), (row.get("State") or "UNKNOWN").split()[0],
-                int(code) if code.isdigit() else None, int(sig) if sig.isdigit() else None,
-                row.get("Elapsed", ""), row.get("NodeList", ""), row.get("Start", ""),
-                row.get("End", ""))
+        out: Dict[str, List[AcctInfo]] = {}
+        for line in proc.stdout.splitlines():
+            parts = line.split("|")
+            if len(parts) < 8 or not parts[0].isdigit():
+                continue  # job steps (123.batch) and array/het ids are not ours
+            jid, name, state, exit_code, elapsed, nodes, start, end = parts[:8]
+            code, _, sig = exit_code.partition(":")
+            out.setdefault(jid, []).append(AcctInfo(
+                jid, name, (state or "UNKNOWN").split()[0], int(code) if code.isdigit() else None,
+                int(sig) if sig.isdigit() else None, elapsed, nodes, start, end))
         return out
+
+    def squeue_mine(self) -> Dict[str, QueueInfo]:
+        """Every job of this user slurmctld knows, to find jobs whose id was never recorded."""
+        proc = self.run(["squeue", "--noheader", "--states=all", "--me", "--format=%i|%j|%T|%r|%M|%N|%S"])
+        return _parse_squeue(proc.stdout)
 
     def partition_nodes(self, partition: Optional[str]) -> Dict[str, Dict[str, str]]:
         """Nodes of a partition (default partition if None): name -> {state, gres}."""
@@ -182,6 +188,18 @@ class Slurm:
 
     def hostnames(self, nodelist: str) -> List[str]:
         return self.run(["scontrol", "show", "hostnames", nodelist]).stdout.split()
+
+
+def _parse_squeue(text: str) -> Dict[str, QueueInfo]:
+    out: Dict[str, QueueInfo] = {}
+    for line in text.splitlines():
+        parts = line.split("|")
+        if len(parts) < 7:
+            continue
+        jid = parts[0].strip()
+        out[jid] = QueueInfo(jid, parts[1], parts[2].strip(), parts[3].strip(), parts[4].strip(),
+                             parts[5].strip(), parts[6].strip())
+    return out
 
 
 def gres_gpus(gres: str) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +45,10 @@ class StageStatus:
     source: str = ""            # squeue | sacct | marker | record
     blocked_by: Optional[str] = None
     log: Optional[str] = None
+    restarts: int = 0           # runs of this job before the current one (requeues)
+    history: List[dict] = field(default_factory=list)   # earlier runs: state, nodes, start, end
+    failed_nodes: List[str] = field(default_factory=list)  # nodes srun reported a task failure on
+    orphans: List[str] = field(default_factory=list)     # jobs of this stage never recorded
 
     @property
     def failed(self) -> bool:
@@ -99,8 +104,20 @@ def _local_time(iso_utc: str) -> str:
     return (t.astimezone() - _dt.timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%S")
 
 
+_SRUN_TASK_ERROR = re.compile(r"^srun: error: (\S+): tasks? [0-9,-]+: (.*)$", re.M)
+
+
+def _failed_nodes(log: Optional[str]) -> List[str]:
+    """Nodes on which srun saw a task fail, from the end of the stage's log."""
+    nodes: List[str] = []
+    for node, what in _SRUN_TASK_ERROR.findall("\n".join(tail(log, 200))):
+        if node not in nodes and "Terminated" not in what:
+            nodes.append(node)
+    return nodes
+
+
 def _stage_status(record: ChainRecord, name: str, queue: Dict[str, QueueInfo],
-                  acct: Dict[str, AcctInfo]) -> StageStatus:
+                  acct: Dict[str, List[AcctInfo]]) -> StageStatus:
     st = record.stage(name)
     att = st.current
     adir = record.attempt_dir(name, att.n)
@@ -109,9 +126,19 @@ def _stage_status(record: ChainRecord, name: str, queue: Dict[str, QueueInfo],
         s.state, s.source = "NOT_SUBMITTED", "record"
         s.reason = {"submitting": "submission in progress or interrupted",
                     "failed": "submission failed"}.get(record.submission, "")
+        s.orphans = [q.job_id for q in queue.values()
+                     if q.name == f"{record.chain_id}.{name}" and q.state in LIVE_STATES]
+        if s.orphans:
+            s.reason = (f"submission was interrupted after sbatch: job {', '.join(s.orphans)} exists "
+                        "but was never recorded")
         return s
     s.log = str(adir / f"slurm-{att.job_id}.out")
-    q, a = queue.get(att.job_id), acct.get(att.job_id)
+    q = queue.get(att.job_id)
+    runs = acct.get(att.job_id, [])
+    a = runs[-1] if runs else None
+    s.history = [{"state": r.state, "nodes": r.nodes, "start": r.start, "end": r.end,
+                  "exit_code": r.exit_code} for r in runs[:-1]]
+    s.restarts = len(s.history)
     marker = _read_json(adir / "marker.json")
     if marker and str(marker.get("job_id")) != att.job_id:
         marker = None
@@ -123,11 +150,8 @@ def _stage_status(record: ChainRecord, name: str, queue: Dict[str, QueueInfo],
     elif a and a.state not in LIVE_STATES:
         s.state, s.exit_code, s.signal, s.source = a.state, a.exit_code, a.signal, "sacct"
         s.elapsed, s.nodes, s.start, s.end = a.elapsed, a.nodes, a.start, a.end
-        # sacct's Reason of a finished job is its last *pending* reason: not why it ended.
     elif q:  # finished, still in slurmctld's memory, accounting not (yet) there
         s.state, s.nodes, s.elapsed, s.source = q.state, q.nodes, q.elapsed, "squeue"
-        if marker:
-            s.exit_code = marker.get("exit_code")
     elif a:  # accounting still says live but slurmctld has forgotten: trust the marker if any
         s.state, s.nodes, s.source = a.state, a.nodes, "sacct"
         if marker:
@@ -139,6 +163,8 @@ def _stage_status(record: ChainRecord, name: str, queue: Dict[str, QueueInfo],
         s.exit_code, s.nodes, s.end, s.source = code, marker.get("host", ""), marker.get("time", ""), "marker"
     if s.exit_code is None and marker and s.state not in LIVE_STATES:
         s.exit_code = marker.get("exit_code")
+    if s.state in FAILED_STATES:
+        s.failed_nodes = _failed_nodes(s.log)
     return s
 
 
@@ -167,7 +193,12 @@ def collect(recs: List[ChainRecord], slurm_for: Callable[[Optional[str]], Slurm]
         ids = sorted({j for r in group for j in r.job_ids(current_only=True)}, key=int)
         warnings: List[str] = []
         try:
-            queue = slurm.squeue(ids)
+            # A chain still being (or never fully) submitted may own jobs whose ids were not
+            # recorded: list all of the user's jobs then, still in one call.
+            if any(r.submission in ("submitting", "failed") for r in group):
+                queue = slurm.squeue_mine()
+            else:
+                queue = slurm.squeue(ids)
         except SlurmError as e:
             queue = {}
             warnings.append(f"squeue unavailable ({e}); states come from accounting and markers")
