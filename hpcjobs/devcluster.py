@@ -313,6 +313,25 @@ class DevCluster:
                     lambda: self._node_diagnostics(),
                 )
 
+    def power_off(self, node: str) -> None:
+        """Fault injection: ``node`` dies. Its slurmd and every process of its jobs (all of its
+        private namespace) get SIGKILL; ``start("slurmd-NODE")`` brings it back."""
+        daemon = f"slurmd-{node}"
+        self._check_name(daemon)
+        ns = (self._record(daemon) or {}).get("uts_ns")
+        self.kill(daemon)
+        if not ns:
+            return
+        for _ in range(50):
+            victims = [int(p.name) for p in Path("/proc").iterdir()
+                       if p.name.isdigit() and _uts_ns(p.name) == ns and _alive(int(p.name))]
+            if not victims:
+                break
+            for pid in victims:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+
     def kill(self, daemon: str, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to a daemon, no cleanup, no waiting (fault injection)."""
         self._check_name(daemon)

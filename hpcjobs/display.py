@@ -53,7 +53,8 @@ def _why(s: StageStatus) -> str:
         why = s.reason
     if s.history:
         last = s.history[-1]
-        requeued = f"requeued {len(s.history)}x (last run: {last['state']} on {last['nodes'] or '?'})"
+        where = f"node {', '.join(s.failed_nodes)} failed" if s.failed_nodes else f"on {last['nodes'] or '?'}"
+        requeued = f"requeued {len(s.history)}x (last run: {last['state']}, {where})"
         why = f"{why}; {requeued}" if why else requeued
     return why
 

@@ -126,6 +126,7 @@ def _stage_files(plan: ChainPlan, sp: StagePlan) -> Dict[str, str]:
             "output_dir": s.output,
             "checkpoint_dir": s.checkpoints,
             "progress_file": str(adir / "progress.jsonl"),
+            "preempt_file": str(adir / "preempt"),
             "deepspeed_config": str(adir / "ds_config.json"),
             "resume": s.resume,
             "device": chain.profile.accelerator,

@@ -104,16 +104,31 @@ def _local_time(iso_utc: str) -> str:
     return (t.astimezone() - _dt.timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%S")
 
 
+_SRUN_NODE_FAILURE = re.compile(r"^srun: error: Node failure on (\S+)", re.M)
 _SRUN_TASK_ERROR = re.compile(r"^srun: error: (\S+): tasks? [0-9,-]+: (.*)$", re.M)
+_EXIT_CODE = re.compile(r"exit code (\d+)")
 
 
-def _failed_nodes(log: Optional[str]) -> List[str]:
-    """Nodes on which srun saw a task fail, from the end of the stage's log."""
-    nodes: List[str] = []
-    for node, what in _SRUN_TASK_ERROR.findall("\n".join(tail(log, 200))):
-        if node not in nodes and "Terminated" not in what:
-            nodes.append(node)
-    return nodes
+def failed_nodes(log: Optional[str]) -> List[str]:
+    """The nodes a multi-node stage failed on, read from srun's messages in its log.
+
+    A node that died, or whose task was killed by a signal (exit code above 128,
+    "Killed", ...), is the cause; the other nodes' tasks then fail too (a peer
+    vanished from the collective) or are terminated by ``--kill-on-bad-exit``.
+    Those are named only when no cause is visible.
+    """
+    text = "\n".join(tail(log, 300))
+    causes: List[str] = list(dict.fromkeys(_SRUN_NODE_FAILURE.findall(text)))
+    others: List[str] = []
+    for node, what in _SRUN_TASK_ERROR.findall(text):
+        if "Terminated" in what:
+            continue
+        code = _EXIT_CODE.search(what)
+        killed = (code and int(code.group(1)) > 128) or not code
+        bucket = causes if killed else others
+        if node not in bucket:
+            bucket.append(node)
+    return causes or others
 
 
 def _stage_status(record: ChainRecord, name: str, queue: Dict[str, QueueInfo],
@@ -163,8 +178,8 @@ def _stage_status(record: ChainRecord, name: str, queue: Dict[str, QueueInfo],
         s.exit_code, s.nodes, s.end, s.source = code, marker.get("host", ""), marker.get("time", ""), "marker"
     if s.exit_code is None and marker and s.state not in LIVE_STATES:
         s.exit_code = marker.get("exit_code")
-    if s.state in FAILED_STATES:
-        s.failed_nodes = _failed_nodes(s.log)
+    if s.state in FAILED_STATES or any(h["state"] in FAILED_STATES for h in s.history):
+        s.failed_nodes = failed_nodes(s.log)
     return s
 
 

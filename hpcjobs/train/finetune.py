@@ -150,6 +150,7 @@ def load_train_config(path: str | os.PathLike) -> dict[str, Any]:
     cfg["device"] = device
     # Ranks the job was planned for (hpcjobs writes it; the DeepSpeed batch size depends on it).
     cfg["world_size"] = raw.get("world_size")
+    cfg["preempt_file"] = absolute("preempt_file", raw.get("preempt_file"))
 
     data = dict(raw.get("data") or {})
     if not data.get("path"):
@@ -239,6 +240,16 @@ class PreemptFlag:
     def __init__(self) -> None:
         self.signalled = False
         self.signal_time: float | None = None
+        # The batch script also touches this file when it gets the warning: a signal that
+        # arrives before this rank has started (during imports or model loading) still counts.
+        self.file: str | None = None
+
+    def requested(self) -> bool:
+        if not self.signalled and self.file and os.path.exists(self.file):
+            self.signalled = True
+            self.signal_time = time.time()
+            print(f"{LOG_PREFIX} found {self.file}: will checkpoint and stop after the current step", flush=True)
+        return self.signalled
 
     def install(self, signum: int = signal.SIGUSR2) -> "PreemptFlag":
         def handler(sig, frame):  # noqa: ARG001
@@ -393,7 +404,7 @@ def make_callbacks(progress: ProgressWriter, preempt: PreemptFlag, global_batch:
             self.stopped_at: int | None = None
 
         def on_step_end(self, args, state, control, **kw):
-            if _any_rank(preempt.signalled, args.device):
+            if _any_rank(preempt.requested(), args.device):
                 self.stopped_at = state.global_step
                 control.should_save = True
                 control.should_log = True
@@ -508,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
             f"deepspeed={'yes' if cfg['deepspeed_config'] else 'no'}"
         )
         progress = ProgressWriter(cfg["progress_file"], info["rank"] == 0)
+        preempt.file = cfg.get("preempt_file")
         planned = cfg.get("world_size")
         if planned and planned != info["world_size"]:
             # The DeepSpeed config's train_batch_size was computed for the planned world size.
