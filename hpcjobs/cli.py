@@ -253,7 +253,13 @@ def logs(chain, stage, attempt, follow, lines):
     display.logs(rec, stage, attempt, follow=follow, lines=lines)
 
 
-@cli.command(epilog=EPILOG_OVERRIDES)
+EPILOG_RERUN = """\b
+Overrides are KEY=VALUE pairs applied on top of the chain's saved, resolved
+configuration (<run dir>/config.yaml), which each rerun updates.
+"""
+
+
+@cli.command(epilog=EPILOG_RERUN)
 @click.argument("chain")
 @click.option("--from", "from_stage", default=None,
               help="Rerun this stage and everything after it (default: the first failed stage).")

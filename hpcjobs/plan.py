@@ -161,6 +161,9 @@ def _check_profile(composed: Composed, p: schema.ProfileCfg) -> None:
     if p.train_gpus_per_node is not None and not 0 < p.train_gpus_per_node <= p.gpus_per_node:
         raise composed.error("profile.train_gpus_per_node",
                              f"must be between 1 and gpus_per_node ({p.gpus_per_node})")
+    if p.container.image and p.container.runtime != "apptainer":
+        raise composed.error("profile.container.runtime", f"{p.container.runtime!r} is not supported; "
+                             "use apptainer (Pyxis/enroot support is not there yet)")
     for k, v in p.env.items():
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", str(k)):
             raise composed.error(f"profile.env.{k}", "not a valid environment variable name")

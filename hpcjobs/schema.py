@@ -64,7 +64,7 @@ class ContainerCfg:
     image: Optional[str] = None
     """Container image; stage commands then run inside it."""
     runtime: str = "apptainer"
-    """``apptainer`` (``apptainer exec --nv``) or ``pyxis`` (``srun --container-image``)."""
+    """``apptainer`` (``apptainer exec [--nv] IMAGE python ...``); the only runtime supported so far."""
     mounts: List[str] = field(default_factory=list)
     """Bind mounts, ``SRC[:DST]``; the run root is always mounted."""
 

@@ -88,6 +88,26 @@ def test_bad_input_submits_nothing(devcluster, hpcjobs, hpcjobs_home, demo_asset
     assert not _slurm_jobs_named(devcluster, "badinput")
 
 
+def test_dataset_problems_are_caught_before_submission(devcluster, hpcjobs, demo_assets, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    wrong = tmp_path / "wrong.parquet"
+    pq.write_table(pa.table({"Description": ["d"], "Patient": ["p"], "Answer": ["a"]}), wrong)
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"Description": pa.array([], pa.string()), "Patient": pa.array([], pa.string()),
+                             "Doctor": pa.array([], pa.string())}), empty)
+    unreadable = tmp_path / "garbage.parquet"
+    unreadable.write_text("not parquet")
+    for path, needle in ((wrong, "missing column(s) 'Doctor'; found: 'Description', 'Patient', 'Answer'"),
+                         (empty, "dataset is empty"), (unreadable, "cannot read parquet dataset")):
+        proc = hpcjobs("submit", "llama2-lora", "--profile", "local", "--config", demo_assets / "demo.yaml",
+                       "--name", "baddata", f"data.path={path}", check=False)
+        assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+        assert f"command line: data.path: {path}" in proc.stderr
+    assert not _slurm_jobs_named(devcluster, "baddata")
+
+
 def test_failed_submission_cancels_what_was_submitted(devcluster, hpcjobs, tmp_path):
     """Slurm itself rejects stage 2 (no such partition): stage 1, already submitted, is cancelled."""
     proc = hpcjobs("submit", FIXTURES / "three-stage.yaml", "--profile", "local", "--name", "halfway",

@@ -610,6 +610,16 @@ def run(cfg: dict, device: str, info: dict, preempt: PreemptFlag, progress: Prog
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if cfg["deepspeed_config"]:
+            # With use_cpu accelerate sets up torch.distributed itself and never initialises
+            # deepspeed.comm (it does so only on the GPU path). Under ZeRO-3, from_pretrained
+            # below runs deepspeed.zero.Init, whose DeepSpeedConfig then sees no backend, takes
+            # world_size=1 and fails the batch check ("4 != 2 * 1 * 1"). Wrapping the existing
+            # process group (no new rendezvous) is what deepspeed.initialize does later anyway.
+            import deepspeed.comm as ds_comm
+
+            if not ds_comm.is_initialized():
+                ds_comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
         log(
             f"distributed: rank={dist.get_rank()} world_size={dist.get_world_size()} "
             f"backend={dist.get_backend()} hostname={socket.gethostname()}"
