@@ -198,7 +198,7 @@ class FinetuneStage(StageCfg):
     seed: int = 42
     zero_stage: int = 2
     offload_optimizer: str = "none"
-    """none or cpu (compiles DeepSpeed's CPU Adam on first use)."""
+    """none or cpu: optimizer states in host memory (ZeRO-Offload); the Trainer's torch AdamW steps them."""
     offload_param: str = "none"
     """none or cpu; ZeRO stage 3 only."""
     deepspeed_config: Optional[str] = None

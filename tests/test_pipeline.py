@@ -54,6 +54,7 @@ def test_finetune_spans_both_nodes(demo_chain):
     ranks = re.findall(r"rank=(\d) world_size=(\d) .*hostname=(\S+)", log)
     assert {(r, w, h) for r, w, h in ranks} >= {("0", "2", "node1"), ("1", "2", "node2")}, ranks
     assert "--no_ssh --node_rank=0" in log and "--no_ssh --node_rank=1" in log
+    assert "deepspeed engine: optimizer=DeepSpeedZeroOptimizer offload_optimizer=none" in log
     ds = json.loads((Path(sub["run_dir"]) / "stages/finetune/attempt-1/ds_config.json").read_text())
     assert ds["train_batch_size"] == 2 * ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
 

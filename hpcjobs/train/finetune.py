@@ -234,6 +234,21 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------
 
 
+def _engine_summary(optimizer: Any) -> str:
+    """What DeepSpeed really runs (its own logger is quiet under the HF Trainer): the ZeRO
+    optimizer class and offload devices, read from the live optimizer, not the config file."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps DeepSpeed's optimizer
+    if inner is None or "deepspeed" not in type(inner).__module__:
+        return ""
+    parts = [f"optimizer={type(inner).__name__}"]
+    for attr, label in (("offload_optimizer", "offload_optimizer"), ("offload_param", "offload_param"),
+                        ("cpu_offload", "offload_optimizer")):
+        value = getattr(inner, attr, None)
+        if value is not None and not any(p.startswith(label + "=") for p in parts):
+            parts.append(f"{label}={'cpu' if value else 'none'}")
+    return " ".join(parts)
+
+
 class PreemptFlag:
     """Set by SIGUSR2 (Slurm's warning before the time limit)."""
 
@@ -354,6 +369,9 @@ def make_callbacks(progress: ProgressWriter, preempt: PreemptFlag, global_batch:
                     f"global_batch={global_batch}"
                     + (f" resumed_from={info['resumed_from']}" if info.get("resumed_from") else "")
                 )
+                engine = _engine_summary(kw.get("optimizer"))
+                if engine:
+                    log(f"deepspeed engine: {engine}")
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero or not logs:
