@@ -49,6 +49,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from hpcjobs.errors import ConfigError
+from hpcjobs.userfiles import read_text
 
 AUTO = "auto"
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -464,19 +465,7 @@ def load_user_ds_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     it reads the file, the HF Trainer silently keeps the last), ``NaN``/``Infinity``
     and a top level that is not an object are errors too. ``"auto"`` values are kept.
     """
-    name = os.fspath(path)
-    try:
-        with open(name, encoding="utf-8") as fh:
-            text = fh.read()
-    except FileNotFoundError:
-        raise ConfigError("DeepSpeed config not found", source=name) from None
-    except IsADirectoryError:
-        raise ConfigError("DeepSpeed config is a directory, expected a JSON file", source=name) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", source=name) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read DeepSpeed config: {exc.strerror}", source=name) from None
-    return parse_user_ds_config(text, source=name)
+    return parse_user_ds_config(read_text(path, "DeepSpeed config"), source=os.fspath(path))
 
 
 def parse_user_ds_config(text: str, source: str = "<ds_config>") -> dict[str, Any]:

@@ -68,6 +68,7 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 from hpcjobs.errors import ConfigError
+from hpcjobs.userfiles import read_text
 
 NODE_SEP = "@"
 SLOT_LIST_START = ":"
@@ -200,19 +201,7 @@ def read_hostfile(path: str | os.PathLike[str]) -> dict[str, int]:
     Unlike DeepSpeed, which falls back to the local GPUs with only a warning when the
     hostfile does not exist, a missing file is an error: the user named it.
     """
-    name = os.fspath(path)
-    try:
-        with open(name, encoding="utf-8") as fh:
-            text = fh.read()
-    except FileNotFoundError:
-        raise ConfigError("hostfile not found", source=name) from None
-    except IsADirectoryError:
-        raise ConfigError("hostfile is a directory, expected a file", source=name) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"hostfile is not UTF-8 text ({exc.reason} at byte {exc.start})", source=name) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read hostfile: {exc.strerror}", source=name) from None
-    return parse_hostfile(text, source=name)
+    return parse_hostfile(read_text(path, "hostfile"), source=os.fspath(path))
 
 
 def format_hostfile(pool: Mapping[str, int]) -> str:

@@ -11,6 +11,7 @@ from typing import Any, Dict, Tuple
 import yaml
 
 from .errors import ConfigError
+from .userfiles import read_text
 
 
 def key_lines(node: yaml.Node, prefix: str = "") -> Dict[str, int]:
@@ -29,10 +30,7 @@ def read(path: Path, *, what: str) -> Tuple[Dict[str, Any], Dict[str, int]]:
 
     ``what`` names the file's role in error messages ("profile", "recipe", ...).
     """
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read {what} file: {e.strerror}", source=str(path)) from None
+    text = read_text(path, f"{what} file")
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.load(text, Loader=yaml.SafeLoader)
