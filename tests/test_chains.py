@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,28 @@ def test_one_squeue_and_one_sacct_per_refresh(devcluster, hpcjobs, tmp_path):
     calls = log.read_text().split()
     assert calls.count("squeue") == 1 and calls.count("sacct") == 1, calls
     assert set(calls) == {"squeue", "sacct"}
+
+
+def test_logs_follow_until_the_job_ends(devcluster, hpcjobs):
+    sub = hpcjobs.json("submit", FIXTURES / "sleepy.yaml", "--profile", "local", "--name", "logs")
+    wait_for(lambda: hpcjobs.json("status", sub["chain"])["stages"][0]["state"] == "RUNNING", timeout=60,
+             what="first stage running")
+    followed = hpcjobs("logs", sub["chain"], "first", "--follow", timeout=120)
+    # --follow returned by itself once the job ended, with the whole log.
+    assert "hpcjobs: chain" in followed.stdout and "stage first attempt 1" in followed.stdout
+    assert hpcjobs.json("status", sub["chain"])["stages"][0]["state"] == "COMPLETED"
+    wait_chain(hpcjobs, sub["chain"], timeout=60)
+    last = hpcjobs("logs", sub["chain"], "third", "--lines", "1").stdout
+    assert last.count("\n") == 1
+    bad = hpcjobs("logs", sub["chain"], "third", "--attempt", "7", check=False)
+    assert bad.returncode == 1 and "no attempt 7" in bad.stderr
+
+
+def test_watch_in_a_terminal(devcluster, hpcjobs):
+    """`watch` on a real terminal (a pty from script(1)) draws the live table and exits 0."""
+    sub = hpcjobs.json("submit", FIXTURES / "three-stage.yaml", "--profile", "local", "--name", "tty")
+    proc = subprocess.run(["script", "-qfec", f"{sys.executable} -m hpcjobs watch {sub['chain']} -n 1",
+                           "/dev/null"], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "COLUMNS": "120", "TERM": "xterm"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "COMPLETED" in proc.stdout and "third" in proc.stdout

@@ -226,7 +226,10 @@ def setup_environment(device: str, local_size: int = 1) -> None:
 
 
 def log(msg: str) -> None:
-    print(f"{LOG_PREFIX} {msg}", flush=True)
+    # One write per line: several ranks share the job's log, and print() under
+    # PYTHONUNBUFFERED writes the text and the newline separately, so lines interleave.
+    sys.stdout.write(f"{LOG_PREFIX} {msg}\n")
+    sys.stdout.flush()
 
 
 # ----------------------------------------------------------------------------
@@ -263,7 +266,7 @@ class PreemptFlag:
         if not self.signalled and self.file and os.path.exists(self.file):
             self.signalled = True
             self.signal_time = time.time()
-            print(f"{LOG_PREFIX} found {self.file}: will checkpoint and stop after the current step", flush=True)
+            log(f"found {self.file}: will checkpoint and stop after the current step")
         return self.signalled
 
     def install(self, signum: int = signal.SIGUSR2) -> "PreemptFlag":
@@ -271,7 +274,7 @@ class PreemptFlag:
             if not self.signalled:
                 self.signalled = True
                 self.signal_time = time.time()
-                print(f"{LOG_PREFIX} received signal {sig}: will checkpoint and stop after the current step", flush=True)
+                log(f"received signal {sig}: will checkpoint and stop after the current step")
 
         signal.signal(signum, handler)
         # restart interrupted system calls (e.g. inside a gloo/NCCL collective)
