@@ -94,6 +94,11 @@ def _check_data(data, composed: Composed) -> None:
 
 def check_cluster(plan: ChainPlan, composed: Composed, slurm: Slurm) -> None:
     """The partition exists and has the nodes and GPUs each stage asks for."""
+    conf = plan.chain.profile.slurm_conf
+    if conf and not Path(conf).is_file():
+        raise composed.error("profile.slurm_conf", f"{conf} does not exist",
+                             hint="for profile local, start the cluster first: hpcjobs devcluster up"
+                             if plan.profile == "local" else None)
     partition = plan.chain.profile.partition
     nodes = slurm.partition_nodes(partition)
     where = f"partition {partition}" if partition else "the default partition"

@@ -72,6 +72,10 @@ def test_failed_first_stage_blocks_the_rest_and_says_why(devcluster, hpcjobs):
 
 @pytest.mark.parametrize("args, needle", [
     (["--nodes", "3"], "asks for 3 nodes but partition debug has 2 (node1, node2)"),
+    (["--nodes", "0"], "run.nodes: needs at least 1 node, got 0"),
+    (["--profile", "nosuch"], "unknown profile 'nosuch'"),
+    (["finetune.learning_rate=1e-4"], "command line: finetune.learning_rate: unknown key"),
+    (["finetune.max_steps=many"], "command line: finetune.max_steps: Value 'many'"),
     (["--include", "node7:0"], "node7 not in partition debug"),
     (["--name", "bad;name$(x)"], "is not a valid name"),
     (["finetune.zero_stage=9"], "finetune.zero_stage: must be 0, 1, 2 or 3"),
@@ -81,12 +85,19 @@ def test_bad_input_submits_nothing(devcluster, hpcjobs, hpcjobs_home, demo_asset
     before = set(p.name for p in _runs_root(hpcjobs_home).glob("*")) if _runs_root(hpcjobs_home).exists() else set()
     proc = hpcjobs("submit", "llama2-lora", "--profile", "local", "--config", demo_assets / "demo.yaml",
                    "--name", "badinput", *args, check=False)
+    if "--profile" in args:  # the later --profile wins, as with any repeated option
+        assert "unknown profile" in proc.stderr
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert needle in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     after = set(p.name for p in _runs_root(hpcjobs_home).glob("*")) if _runs_root(hpcjobs_home).exists() else set()
     assert after == before
     assert not _slurm_jobs_named(devcluster, "badinput")
+
+
+def test_unknown_recipe_submits_nothing(devcluster, hpcjobs):
+    proc = hpcjobs("submit", "llama3-full", "--profile", "local", check=False)
+    assert proc.returncode == 2 and "unknown recipe 'llama3-full'; known recipes: llama2-lora" in proc.stderr
 
 
 def test_dataset_problems_are_caught_before_submission(devcluster, hpcjobs, demo_assets, tmp_path):

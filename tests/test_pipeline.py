@@ -82,16 +82,22 @@ def test_outputs_in_the_run_directory(demo_chain):
 
 
 def test_include_runs_three_ranks_on_exactly_those_slots(demo_chain, hpcjobs, demo_assets):
+    """hpcjobs submit llama2-lora --nodes 2 --profile local --include 'node1:0,1@node2:0'
+    (from the converted model of the first chain: convert passes a Hugging Face model through)."""
     sub, _, _ = demo_chain
-    model = Path(sub["run_dir"]) / "hf-model"
-    sub2 = hpcjobs.json("submit", FIXTURES / "finetune-only.yaml", "--profile", "local", "--name", "include3",
-                        "--include", "node1:0,1@node2:0", f"finetune.model={model}",
-                        f"data.path={demo_assets / 'dialogues.parquet'}")
+    sub2 = hpcjobs.json("submit", "llama2-lora", "--nodes", "2", "--profile", "local",
+                        "--include", "node1:0,1@node2:0", "--config", demo_assets / "demo.yaml",
+                        "--name", "include3", f"model.source={Path(sub['run_dir']) / 'hf-model'}",
+                        "finetune.max_steps=6", "finetune.save_steps=3", "finetune.micro_batch_size=2")
     final = wait_chain(hpcjobs, sub2["chain"], timeout=600)
     assert final["state"] == "COMPLETED", final
-    log = Path(final["stages"][0]["log"]).read_text()
+    ft = next(s for s in final["stages"] if s["name"] == "finetune")
+    assert ft["nodes"] == "node[1-2]"
+    log = Path(ft["log"]).read_text()
     ranks = set(re.findall(r"rank=(\d) world_size=(\d) local_rank=(\d) .*hostname=(\S+) .*visible_devices=(\S+)", log))
     assert ranks == {("0", "3", "0", "node1", "0,1"), ("1", "3", "1", "node1", "0,1"),
                      ("2", "3", "0", "node2", "0")}, ranks
     ds = json.loads((Path(sub2["run_dir"]) / "stages/finetune/attempt-1/ds_config.json").read_text())
     assert ds["train_batch_size"] == 3 * 2
+    script = (Path(sub2["run_dir"]) / "stages/finetune/attempt-1/job.sbatch").read_text()
+    assert "#SBATCH --nodelist=node1,node2" in script and "#SBATCH --gpus-per-node=2" in script
