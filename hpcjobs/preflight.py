@@ -73,7 +73,7 @@ def check_inputs(plan: ChainPlan, composed: Composed) -> None:
 
 
 def _check_data(data, composed: Composed) -> None:
-    from .train.data import check_dataset, template_fields  # pyarrow + stdlib only
+    from .datacheck import check_dataset, template_fields  # pyarrow + stdlib only
 
     try:
         fields = template_fields(data.template)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import catalog, config, plan as planning, records, render, status
+from . import catalog, config, plan as planning, render, status
 from .errors import HpcjobsError
 from .records import Attempt, ChainRecord
 from .slurm import DONE_STATES, LIVE_STATES, Slurm

@@ -274,7 +274,7 @@ def test_demo_assets_deterministic(tmp_path):
     import pyarrow.parquet as pq
 
     a = demo.make_demo_assets(tmp_path / "a", seed=4, rows=60)
-    b = demo.make_demo_assets(tmp_path / "b", seed=4, rows=60)
+    demo.make_demo_assets(tmp_path / "b", seed=4, rows=60)
     c = demo.make_demo_assets(tmp_path / "c", seed=5, rows=60)
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from hpcjobs import datacheck
+
 from hpcjobs.errors import HpcjobsError
 from hpcjobs.train import data as D
 
@@ -50,7 +52,7 @@ def _write(path, rows, fmt):
 @needs_pyarrow
 def test_check_dataset_formats(tmp_path, fmt):
     p = _write(tmp_path / f"d.{fmt}", _rows(10), fmt)
-    info = D.check_dataset(p, COLS)
+    info = datacheck.check_dataset(p, COLS)
     assert info["format"] == fmt
     assert info["columns"] == COLS
     assert info["rows"] == (10 if fmt in ("parquet", "json") else None)
@@ -61,7 +63,7 @@ def test_check_dataset_is_light(tmp_path):
     """check_dataset must not pull in torch/transformers/datasets (login node)."""
     p = _write(tmp_path / "d.parquet", _rows(5), "parquet")
     code = (
-        "import sys; from hpcjobs.train.data import check_dataset; "
+        "import sys; from hpcjobs.datacheck import check_dataset; "
         f"check_dataset({str(p)!r}, {COLS!r}); "
         "bad=[m for m in ('torch','transformers','datasets','trl','peft','deepspeed') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
@@ -77,7 +79,7 @@ def test_missing_column_message(tmp_path, fmt):
     rows = [{"Description": "d", "Patient": "p"}]
     p = _write(tmp_path / f"d.{fmt}", rows, fmt)
     with pytest.raises(HpcjobsError) as ei:
-        D.check_dataset(p, COLS)
+        datacheck.check_dataset(p, COLS)
     msg = str(ei.value)
     assert str(p) in msg and "'Doctor'" in msg and "found: 'Description', 'Patient'" in msg
     with pytest.raises(HpcjobsError) as ei:
@@ -100,7 +102,7 @@ def test_empty_files(tmp_path):
     for name in ("e.parquet", "e.jsonl", "e.csv", "z.csv", "e.json"):
         p = tmp_path / name
         with pytest.raises(HpcjobsError, match="empty") as ei:
-            D.check_dataset(p, COLS)
+            datacheck.check_dataset(p, COLS)
         assert str(p) in str(ei.value)
         with pytest.raises(HpcjobsError, match="empty"):
             D.load_table(p, COLS)
@@ -110,29 +112,29 @@ def test_empty_files(tmp_path):
 @needs_datasets
 def test_unreadable_paths(tmp_path):
     with pytest.raises(HpcjobsError, match="not found") as ei:
-        D.check_dataset(tmp_path / "nope.parquet", COLS)
+        datacheck.check_dataset(tmp_path / "nope.parquet", COLS)
     assert "nope.parquet" in str(ei.value)
     with pytest.raises(HpcjobsError, match="directory"):
-        D.check_dataset(tmp_path, COLS)
+        datacheck.check_dataset(tmp_path, COLS)
     with pytest.raises(HpcjobsError, match="unsupported dataset format"):
-        D.check_dataset(_write(tmp_path / "d.txt", _rows(1), "jsonl"), COLS)
+        datacheck.check_dataset(_write(tmp_path / "d.txt", _rows(1), "jsonl"), COLS)
     garbage = tmp_path / "bad.parquet"
     garbage.write_bytes(b"this is not parquet")
     with pytest.raises(HpcjobsError, match="cannot read parquet") as ei:
-        D.check_dataset(garbage, COLS)
+        datacheck.check_dataset(garbage, COLS)
     assert str(garbage) in str(ei.value)
     with pytest.raises(HpcjobsError, match="cannot read parquet"):
         D.load_table(garbage, COLS)
     bad_jsonl = tmp_path / "bad.jsonl"
     bad_jsonl.write_text('{"Description": "x"\n')
     with pytest.raises(HpcjobsError, match=r"bad.jsonl:1: invalid JSON"):
-        D.check_dataset(bad_jsonl, COLS)
+        datacheck.check_dataset(bad_jsonl, COLS)
     if os.geteuid() != 0:
         locked = _write(tmp_path / "locked.parquet", _rows(3), "parquet")
         locked.chmod(0)
         try:
             with pytest.raises(HpcjobsError, match="not readable"):
-                D.check_dataset(locked, COLS)
+                datacheck.check_dataset(locked, COLS)
         finally:
             locked.chmod(0o644)
 

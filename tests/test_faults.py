@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI, FIXTURES, wait_chain, wait_for
+from conftest import FIXTURES, wait_chain, wait_for
 
 pytestmark = pytest.mark.cluster
 

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-from conftest import FIXTURES
 
 HEAVY = ("torch", "deepspeed", "transformers", "peft", "trl", "datasets", "accelerate")
 

@@ -7,12 +7,11 @@ import math
 import re
 import subprocess
 import sys
-import os
 from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, wait_chain
+from conftest import wait_chain
 
 pytestmark = [pytest.mark.cluster, pytest.mark.train, pytest.mark.slow]
 

@@ -225,7 +225,7 @@ def build_tokenizer(tokenizer_model: str | Path, *, model_max_length: int | None
             "from sentencepiece on such text", nspec.name, nspec.remove_extra_whitespaces,
         )
 
-    NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
+    NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4  # sentencepiece piece types (BYTE is 6)
     vocab: dict[str, int] = {}
     for i, piece in enumerate(proto.pieces):
         vocab[piece.piece] = i

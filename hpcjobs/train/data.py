@@ -2,10 +2,10 @@
 
 Two layers:
 
-* :func:`check_dataset` uses only pyarrow and the standard library, so the
-  login node can validate a dataset before anything is submitted (parquet:
-  schema and row count from the footer metadata only; jsonl/json/csv: the
-  first record or the header line).
+* :func:`hpcjobs.datacheck.check_dataset` uses only pyarrow and the standard
+  library, so the login node can validate a dataset before anything is
+  submitted (parquet: schema and row count from the footer metadata only;
+  jsonl/json/csv: the first record or the header line).
 * :func:`load_splits` (and the functions it is built from) runs inside jobs and
   returns ``datasets.Dataset`` objects. ``datasets`` is imported lazily.
 
@@ -27,10 +27,10 @@ from __future__ import annotations
 import csv
 import json
 import os
-import string
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
+from hpcjobs.datacheck import _check_readable, _json_records, _missing, _missing_error, detect_format, template_fields
 from hpcjobs.errors import HpcjobsError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,191 +40,6 @@ if TYPE_CHECKING:  # pragma: no cover
 TEXT_FIELD = "text"
 DEFAULT_SPLIT = (0.8, 0.1, 0.1)
 DEFAULT_SEED = 42
-
-#: suffix -> format name
-FORMATS = {
-    ".parquet": "parquet",
-    ".pq": "parquet",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "json",
-    ".csv": "csv",
-}
-
-
-# ----------------------------------------------------------------------------
-# helpers shared by the light and the full path
-# ----------------------------------------------------------------------------
-
-
-def detect_format(path: str | os.PathLike) -> str:
-    """Return ``parquet``, ``jsonl``, ``json`` or ``csv`` from the file suffix."""
-    p = Path(path)
-    fmt = FORMATS.get(p.suffix.lower())
-    if fmt is None:
-        raise HpcjobsError(
-            f"{p}: unsupported dataset format {p.suffix or '(no suffix)'!r}",
-            hint="use one of " + ", ".join(sorted(FORMATS)),
-        )
-    return fmt
-
-
-def _check_readable(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise HpcjobsError(f"{p}: dataset not found")
-    if p.is_dir():
-        raise HpcjobsError(f"{p}: dataset path is a directory, expected a file")
-    if not os.access(p, os.R_OK):
-        raise HpcjobsError(f"{p}: dataset is not readable (permission denied)")
-    return p
-
-
-def template_fields(template: str) -> list[str]:
-    """Names used by a ``str.format`` template, in order of first use.
-
-    Raises HpcjobsError for positional (``{}``/``{0}``) or malformed fields.
-    """
-    names: list[str] = []
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as e:
-        raise HpcjobsError(f"invalid text template {template!r}: {e}") from None
-    for _, field, _, _ in parsed:
-        if field is None:
-            continue
-        # "{a.b}" / "{a[0]}" -> base name "a"
-        base = field.split(".", 1)[0].split("[", 1)[0]
-        if base == "" or base.isdigit():
-            raise HpcjobsError(
-                f"invalid text template {template!r}: positional field {{{field}}}",
-                hint="name the columns, e.g. 'Patient: {Patient}'",
-            )
-        if base not in names:
-            names.append(base)
-    return names
-
-
-def _missing(required: Iterable[str], found: Sequence[str]) -> list[str]:
-    have = set(found)
-    return [c for c in required if c not in have]
-
-
-def _missing_error(path: Path, missing: list[str], found: Sequence[str]) -> HpcjobsError:
-    return HpcjobsError(
-        f"{path}: missing column(s) {', '.join(repr(c) for c in missing)}; "
-        f"found: {', '.join(repr(c) for c in found) or '(none)'}",
-        hint="fix data.columns / data.template in the recipe, or the dataset",
-    )
-
-
-# ----------------------------------------------------------------------------
-# light check (login node): pyarrow + stdlib only
-# ----------------------------------------------------------------------------
-
-
-def check_dataset(path: str | os.PathLike, columns: Sequence[str]) -> dict[str, Any]:
-    """Validate a dataset cheaply, without reading it whole.
-
-    Returns ``{"path", "format", "columns", "rows"}``; ``rows`` is exact for
-    parquet (footer metadata) and ``None`` for the text formats (only the first
-    record / header is read, which is enough to say the file is non-empty).
-    Raises :class:`HpcjobsError` naming the file for: a missing/unreadable file,
-    an unknown suffix, an unparseable file, an empty file, missing columns.
-    """
-    p = _check_readable(path)
-    fmt = detect_format(p)
-    rows: int | None
-    try:
-        if fmt == "parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise HpcjobsError(
-                    f"{p}: checking a parquet dataset needs pyarrow", hint="pip install pyarrow"
-                ) from None
-            meta = pq.read_metadata(p)
-            found = list(meta.schema.to_arrow_schema().names)
-            rows = int(meta.num_rows)
-        elif fmt == "jsonl":
-            found, rows = _first_jsonl_record(p)
-        elif fmt == "json":
-            found, rows = _first_json_record(p)
-        else:  # csv
-            found, rows = _csv_header(p)
-    except HpcjobsError:
-        raise
-    except Exception as e:  # pyarrow.ArrowInvalid, OSError, UnicodeDecodeError, ...
-        raise HpcjobsError(f"{p}: cannot read {fmt} dataset: {e}") from None
-    if rows == 0 or not found:
-        raise HpcjobsError(f"{p}: dataset is empty (no rows)")
-    missing = _missing(columns, found)
-    if missing:
-        raise _missing_error(p, missing, found)
-    return {"path": str(p), "format": fmt, "columns": found, "rows": rows}
-
-
-def _first_jsonl_record(p: Path) -> tuple[list[str], int | None]:
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise HpcjobsError(f"{p}:{lineno}: invalid JSON line: {e}") from None
-            if not isinstance(rec, dict):
-                raise HpcjobsError(f"{p}:{lineno}: expected a JSON object per line, got {type(rec).__name__}")
-            return list(rec), None
-    return [], 0
-
-
-def _first_json_record(p: Path) -> tuple[list[str], int | None]:
-    # A JSON document is parsed whole (json has no streaming in the stdlib);
-    # files that are really JSON lines are accepted too.
-    with open(p, encoding="utf-8") as f:
-        text = f.read()
-    if not text.strip():
-        return [], 0
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError:
-        return _first_jsonl_record(p)
-    records = _json_records(doc, p)
-    if not records:
-        return [], 0
-    return list(records[0]), len(records)
-
-
-def _json_records(doc: Any, p: Path) -> list[dict]:
-    if isinstance(doc, dict):
-        # {"data": [...]} (a single list value) or a columnar {"col": [..], ...}
-        lists = [v for v in doc.values() if isinstance(v, list)]
-        if len(doc) == 1 and lists and all(isinstance(r, dict) for r in lists[0]):
-            doc = lists[0]
-        elif doc and len(lists) == len(doc):
-            n = len(lists[0])
-            if any(len(v) != n for v in lists):
-                raise HpcjobsError(f"{p}: columnar JSON with columns of different lengths")
-            return [{k: doc[k][i] for k in doc} for i in range(n)]
-        else:
-            return [doc]
-    if not isinstance(doc, list) or not all(isinstance(r, dict) for r in doc):
-        raise HpcjobsError(f"{p}: expected a JSON array of objects (or JSON lines)")
-    return doc
-
-
-def _csv_header(p: Path) -> tuple[list[str], int | None]:
-    with open(p, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if not header:
-            return [], 0
-        for row in reader:
-            if any(cell.strip() for cell in row):
-                return [h.strip() for h in header], None
-    return [h.strip() for h in header], 0
-
 
 # ----------------------------------------------------------------------------
 # full path (inside jobs)
