@@ -75,7 +75,7 @@ def read(path: Path) -> Optional[Progress]:
     # The current run is everything after the last start event (a requeue appends a new run).
     starts = [i for i, r in enumerate(recs) if r.get("event") == "start"]
     run = recs[starts[-1]:] if starts else recs
-    steps = [r for r in run if "step" in r and "event" not in r]
+    steps = [r for r in run if "loss" in r and "event" not in r]  # eval lines carry eval_loss only
     event = next((r["event"] for r in reversed(run) if "event" in r), None)
     start = run[0] if starts else None
     resumed = start.get("step") if start else None
