@@ -88,6 +88,16 @@ def test_a_rank_killed_on_node2_then_rerun_resumes(devcluster, hpcjobs, demo_ass
     steps = [r["step"] for r in prog if "loss" in r]
     assert steps[0] > done_before and prog[-1]["event"] == "end" and prog[-1]["step"] == 400
 
+    # --fresh: start over (old checkpoints moved aside, not deleted), with a change of plan.
+    rr = hpcjobs("rerun", sub["chain"], "--from", "finetune", "--fresh", "finetune.max_steps=20")
+    assert "moved" in rr.stdout and "checkpoints.before-attempt-3" in rr.stdout
+    final = wait_chain(hpcjobs, sub["chain"], timeout=300)
+    assert final["state"] == "COMPLETED" and final["stages"][0]["attempt"] == 3
+    prog = _progress(run, attempt=3)
+    assert next(r for r in prog if r.get("event") == "start")["step"] == 0
+    assert prog[-1]["step"] == 20
+    assert (Path(run) / "checkpoints.before-attempt-3" / "checkpoint-400").is_dir()
+
 
 @pytest.mark.train
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_chain
+from conftest import FIXTURES, wait_chain
 
 pytestmark = [pytest.mark.cluster, pytest.mark.train, pytest.mark.slow]
 
@@ -100,3 +100,21 @@ def test_include_runs_three_ranks_on_exactly_those_slots(demo_chain, hpcjobs, de
     assert ds["train_batch_size"] == 3 * 2
     script = (Path(sub2["run_dir"]) / "stages/finetune/attempt-1/job.sbatch").read_text()
     assert "#SBATCH --nodelist=node1,node2" in script and "#SBATCH --gpus-per-node=2" in script
+
+
+def test_hostfile_picks_hosts_and_slots(demo_chain, hpcjobs, demo_assets, tmp_path):
+    """--hostfile with uneven slots: Slurm is asked for exactly those hosts, ranks follow the slots."""
+    sub, _, _ = demo_chain
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# DeepSpeed's format\nnode1 slots=2\nnode2 slots=1\n")
+    model = Path(sub["run_dir"]) / "hf-model"
+    sub2 = hpcjobs.json("submit", FIXTURES / "finetune-only.yaml", "--profile", "local", "--name", "hostfile3",
+                        "--hostfile", hostfile, f"finetune.model={model}",
+                        f"data.path={demo_assets / 'dialogues.parquet'}")
+    final = wait_chain(hpcjobs, sub2["chain"], timeout=600)
+    assert final["state"] == "COMPLETED", final
+    attempt = Path(sub2["run_dir"]) / "stages/finetune/attempt-1"
+    assert (attempt / "hostfile").read_text() == "node1 slots=2\nnode2 slots=1\n"
+    log = Path(final["stages"][0]["log"]).read_text()
+    hosts = sorted(re.findall(r"rank=\d world_size=3 local_rank=\d .*hostname=(\S+)", log))
+    assert hosts == ["node1", "node1", "node2"], log[-2000:]
