@@ -13,7 +13,7 @@ import json
 import os
 import string
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from hpcjobs.errors import HpcjobsError
 
@@ -140,7 +140,8 @@ def check_dataset(path: str | os.PathLike, columns: Sequence[str]) -> dict[str, 
     return {"path": str(p), "format": fmt, "columns": found, "rows": rows}
 
 
-def _first_jsonl_record(p: Path) -> tuple[list[str], int | None]:
+def iter_jsonl(p: Path) -> Iterator[dict]:
+    """The records of a JSON-lines file, one object per non-blank line; errors name file:line."""
     with open(p, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -151,7 +152,12 @@ def _first_jsonl_record(p: Path) -> tuple[list[str], int | None]:
                 raise HpcjobsError(f"{p}:{lineno}: invalid JSON line: {e}") from None
             if not isinstance(rec, dict):
                 raise HpcjobsError(f"{p}:{lineno}: expected a JSON object per line, got {type(rec).__name__}")
-            return list(rec), None
+            yield rec
+
+
+def _first_jsonl_record(p: Path) -> tuple[list[str], int | None]:
+    for rec in iter_jsonl(p):
+        return list(rec), None
     return [], 0
 
 

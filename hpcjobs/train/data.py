@@ -30,7 +30,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from hpcjobs.datacheck import _check_readable, _json_records, _missing, _missing_error, detect_format, template_fields
+from hpcjobs.datacheck import (_check_readable, _json_records, _missing, _missing_error, detect_format,
+                               iter_jsonl, template_fields)
 from hpcjobs.errors import HpcjobsError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -86,19 +87,7 @@ def read_table(path: str | os.PathLike) -> "pyarrow.Table":
 
 
 def _read_jsonl(p: Path) -> list[dict]:
-    out = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise HpcjobsError(f"{p}:{lineno}: invalid JSON line: {e}") from None
-            if not isinstance(rec, dict):
-                raise HpcjobsError(f"{p}:{lineno}: expected a JSON object per line")
-            out.append(rec)
-    return out
+    return list(iter_jsonl(p))
 
 
 def _table_from_records(records: list[dict]) -> "pyarrow.Table":
