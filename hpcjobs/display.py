@@ -115,7 +115,10 @@ def watch(rec: ChainRecord, interval: float) -> str:
                 if cs.state in FINAL:
                     break
                 time.sleep(interval)
-        chain_status(cs) if cs.state != "COMPLETED" else None
+        if cs.state != "COMPLETED":
+            chain_status(cs)
+        else:
+            con.print(f"run directory: {cs.record.run_dir}", markup=False)
         return cs.state
     # Not a terminal (CI, a log file): one line whenever something changes.
     last = None
@@ -132,6 +135,8 @@ def watch(rec: ChainRecord, interval: float) -> str:
         if cs.state in FINAL:
             if cs.state != "COMPLETED":
                 chain_status(cs)
+            else:
+                print(f"run directory: {cs.record.run_dir}", flush=True)
             return cs.state
         time.sleep(interval)
 
