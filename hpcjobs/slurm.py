@@ -122,10 +122,6 @@ class Slurm:
         if proc.returncode != 0 and problems:
             raise SlurmError(f"`{' '.join(args)}` failed (exit {proc.returncode}): {' '.join(problems)}")
 
-    def set_dependency(self, job_id: str, upstream: Sequence[str]) -> None:
-        dep = ("afterok:" + ":".join(upstream)) if upstream else ""
-        self.run(["scontrol", "update", f"JobId={job_id}", f"Dependency={dep}"])
-
     # ---- state
 
     def squeue(self, job_ids: Sequence[str]) -> Dict[str, QueueInfo]:
@@ -185,9 +181,6 @@ class Slurm:
                 continue  # only the default partition
             nodes[parts[0].strip()] = {"state": parts[1].strip(), "gres": parts[2].strip()}
         return nodes
-
-    def hostnames(self, nodelist: str) -> List[str]:
-        return self.run(["scontrol", "show", "hostnames", nodelist]).stdout.split()
 
 
 def _parse_squeue(text: str) -> Dict[str, QueueInfo]:
