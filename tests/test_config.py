@@ -70,7 +70,7 @@ def test_a800_two_nodes_world_size_16(hpcjobs_home):
     (["llama2-lora", *A800, "finetune.offload_param=cpu"], "parameter offload needs zero_stage 3"),
     (["llama2-lora", *A800, "--include", "node1:0,1", "--exclude", "node2"], "cannot be used together"),
     (["llama2-lora", *A800, "--include", "gpu01:8"], "slot 8 does not exist on a node with 8 GPUs"),
-    (["llama2-lora", *A800, "--include", "gpu01:0@gpu01:1"], "gpu01"),
+    (["llama2-lora", *A800, "--include", "gpu01:0@gpu01:1"], "host gpu01 appears twice"),
     (["llama2-lora", *A800, "--nodes", "3", "--include", "gpu01@gpu02"], "is 3 but the include spec selects 2"),
     (["llama2-lora", *A800, "pipeline.convert.kind=merge"], "cannot be overridden"),
     (["llama2-lora", *A800, "finetune.lr"], "is not KEY=VALUE"),
