@@ -6,7 +6,8 @@ A stage's state comes, in order, from:
    until MinJobAge passes);
 2. ``sacct`` for finished jobs (exit code, signal, end time);
 3. the stage's own markers (``started.json``/``marker.json``, written by the job)
-   when Slurm has forgotten the job or accounting is down.
+   when Slurm has forgotten the job, accounting is down, or accounting lags
+   behind a slurmctld that stopped before reporting the job's start.
 
 A job found nowhere is ``UNKNOWN`` (asked again next refresh), never ``FAILED``
 by guess. States are Slurm's own words; a pending stage whose upstream failed
@@ -157,6 +158,10 @@ def _stage_status(record: ChainRecord, name: str, queue: Dict[str, QueueInfo],
     marker = _read_json(adir / "marker.json")
     if marker and str(marker.get("job_id")) != att.job_id:
         marker = None
+    # The job's own word that its current run (restart count = earlier runs) began.
+    started = _read_json(adir / "started.json")
+    if started and (str(started.get("job_id")) != att.job_id or started.get("restarts") != s.restarts):
+        started = None
     if q and q.state in LIVE_STATES:
         s.state, s.reason, s.elapsed, s.nodes, s.source = q.state, q.reason, q.elapsed, q.nodes, "squeue"
         if q.reason in ("None", "(null)"):
@@ -167,11 +172,17 @@ def _stage_status(record: ChainRecord, name: str, queue: Dict[str, QueueInfo],
         s.elapsed, s.nodes, s.start, s.end = a.elapsed, a.nodes, a.start, a.end
     elif q:  # finished, still in slurmctld's memory, accounting not (yet) there
         s.state, s.nodes, s.elapsed, s.source = q.state, q.nodes, q.elapsed, "squeue"
-    elif a:  # accounting still says live but slurmctld has forgotten: trust the marker if any
+    elif a:  # accounting says live but slurmctld has forgotten the job or is down: markers first
         s.state, s.nodes, s.source = a.state, a.nodes, "sacct"
+        s.start = a.start if a.start not in ("None", "Unknown") else ""
         if marker:
             s.state = "COMPLETED" if marker.get("exit_code") == 0 else "FAILED"
             s.exit_code, s.source = marker.get("exit_code"), "marker"
+        elif started and a.state == "PENDING":
+            # slurmctld sends job starts to slurmdbd asynchronously; if it went down before the
+            # message went out, accounting still says PENDING for a job that is running.
+            s.state, s.source, s.start = "RUNNING", "marker", started.get("time", "")
+            s.nodes = s.nodes if s.nodes not in ("", "None assigned") else started.get("host", "")
     elif marker:
         code = marker.get("exit_code")
         s.state = "COMPLETED" if code == 0 else "FAILED"
