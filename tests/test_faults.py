@@ -41,7 +41,9 @@ def _step(run_dir, attempt=1):
 
 
 def _checkpoints(run_dir):
-    return sorted(int(p.name.split("-")[1]) for p in (Path(run_dir) / "checkpoints").glob("checkpoint-*"))
+    """Complete checkpoints only: a rank killed mid-save leaves a partial one that resume skips."""
+    return sorted(int(p.name.split("-")[1]) for p in (Path(run_dir) / "checkpoints").glob("checkpoint-*")
+                  if (p / "trainer_state.json").exists())
 
 
 @pytest.fixture(scope="module")
