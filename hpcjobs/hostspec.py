@@ -287,6 +287,14 @@ def parse_spec(spec: str, *, source: str = "--include") -> dict[str, list[int] |
     return {e.host: e.slots for e in _parse_entries(spec, source)}
 
 
+def _check_not_both(include: str, exclude: str, source_include: str, source_exclude: str) -> None:
+    if include and exclude:
+        raise ConfigError(
+            f"{source_include} {include!r} and {source_exclude} {exclude!r} cannot be used together "
+            "(DeepSpeed: include and exclude are mutually exclusive); pick one"
+        )
+
+
 def filter_resources(
     pool: Mapping[str, int],
     include: str | None = "",
@@ -307,11 +315,7 @@ def filter_resources(
     for host, n in pool.items():
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigError(f"host {host} in {pool_name} has {n!r} GPU slots; expected a positive integer")
-    if include and exclude:
-        raise ConfigError(
-            f"{source_include} {include!r} and {source_exclude} {exclude!r} cannot be used together "
-            "(DeepSpeed: include and exclude are mutually exclusive); pick one"
-        )
+    _check_not_both(include, exclude, source_include, source_exclude)
     available = {host: list(range(n)) for host, n in pool.items()}
     if not include and not exclude:
         return available
@@ -439,11 +443,7 @@ def slurm_request_from_spec(
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    if include and exclude:
-        raise ConfigError(
-            f"{source_include} {include!r} and {source_exclude} {exclude!r} cannot be used together "
-            "(DeepSpeed: include and exclude are mutually exclusive); pick one"
-        )
+    _check_not_both(include, exclude, source_include, source_exclude)
     if not include and not exclude:
         return SlurmRequest(None, gpus_per_node_default, [])
 

@@ -182,7 +182,7 @@ def _stage_status(record: ChainRecord, name: str, queue: Dict[str, QueueInfo],
             # slurmctld sends job starts to slurmdbd asynchronously; if it went down before the
             # message went out, accounting still says PENDING for a job that is running.
             s.state, s.source, s.start = "RUNNING", "marker", started.get("time", "")
-            s.nodes = s.nodes if s.nodes not in ("", "None assigned") else started.get("host", "")
+            s.nodes = started.get("host", "")     # accounting has "None assigned" for a pending job
     elif marker:
         code = marker.get("exit_code")
         s.state = "COMPLETED" if code == 0 else "FAILED"
