@@ -1,4 +1,9 @@
-"""Terminal output for status and list (rich tables; plain text when not a terminal)."""
+"""Terminal output for status and list (rich tables; plain text when not a terminal).
+
+On a terminal, tables fit the window and a value too long for its column folds onto
+the next line. Piped or redirected (``hpcjobs list > file``, CI logs, ``grep``),
+nothing is cut or wrapped: every chain id, path and reason is printed whole.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from typing import List, Optional
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -26,8 +32,24 @@ _STYLE = {
 }
 
 
+# Wide enough that rich never truncates a column or wraps a line when output is not a terminal
+# (rich would otherwise assume 80 columns, or $COLUMNS, and cut values with an ellipsis).
+_PIPE_WIDTH = 1 << 20
+
+
 def _console() -> Console:
-    return Console(highlight=False, soft_wrap=False)
+    con = Console(highlight=False, soft_wrap=False, emoji=False)
+    if not con.is_terminal:
+        con.width = _PIPE_WIDTH
+    return con
+
+
+def _table(*columns: str) -> Table:
+    """A borderless table whose long values fold (never '…') when they do not fit the terminal."""
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    return table
 
 
 def _state(state: str) -> str:
@@ -36,6 +58,14 @@ def _state(state: str) -> str:
 
 
 def _exit(s: StageStatus) -> str:
+    """The exit code: the failing rank's when its log tells it (a multi-node stage's job often
+    ends with a peer's SIGTERM instead), else Slurm's."""
+    if s.rank_exit_code is not None:
+        return f"{s.rank_exit_code}" + (f" (signal {s.rank_signal})" if s.rank_signal else "")
+    return _slurm_exit(s)
+
+
+def _slurm_exit(s: StageStatus) -> str:
     if s.exit_code is None:
         return ""
     return f"{s.exit_code}" + (f" (signal {s.signal})" if s.signal else "")
@@ -65,13 +95,11 @@ def stage_progress(cs: ChainStatus, s: StageStatus) -> Optional[progress_mod.Pro
 
 
 def _status_table(cs: ChainStatus) -> Group:
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("stage", "job", "try", "state", "elapsed", "nodes", "exit", "reason"):
-        table.add_column(col)
+    table = _table("stage", "job", "try", "state", "elapsed", "nodes", "exit", "reason")
     notes = []
     for s in cs.stages:
-        table.add_row(s.name, s.job_id or "-", str(s.attempt), _state(s.state), s.elapsed,
-                      s.nodes, _exit(s), Text(_why(s)))
+        table.add_row(Text(s.name), s.job_id or "-", str(s.attempt), _state(s.state), s.elapsed,
+                      Text(s.nodes), _exit(s), Text(_why(s)))
         prog = stage_progress(cs, s) if s.state in ("RUNNING", "COMPLETED") or s.failed else None
         if prog is not None:
             notes.append(Text(f"{s.name}: {prog.line()}"))
@@ -80,11 +108,12 @@ def _status_table(cs: ChainStatus) -> Group:
 
 def _header(cs: ChainStatus) -> List[str]:
     r = cs.record
-    lines = [f"chain [bold]{r.chain_id}[/bold]  {_state(cs.state)}   recipe {r.recipe}, profile {r.profile}",
-             f"run directory {r.run_dir}"]
+    lines = [f"chain [bold]{escape(r.chain_id)}[/bold]  {_state(cs.state)}   "
+             f"recipe {escape(r.recipe)}, profile {escape(r.profile)}",
+             f"run directory {escape(r.run_dir)}"]
     if r.error:
-        lines.append(f"[red]{r.error}[/red]")
-    lines += [f"[yellow]warning:[/yellow] {w}" for w in cs.warnings]
+        lines.append(f"[red]{escape(r.error)}[/red]")
+    lines += [f"[yellow]warning:[/yellow] {escape(w)}" for w in cs.warnings]
     return lines
 
 
@@ -95,10 +124,15 @@ def chain_status(cs: ChainStatus) -> None:
     con.print(_status_table(cs))
     for s in cs.stages:
         if s.failed:
-            con.print(f"\n[red]{s.name} {s.state}[/red]" + (f" on {s.nodes}" if s.nodes else "")
-                      + (f", exit code {_exit(s)}" if s.exit_code is not None else "")
+            code = _exit(s)
+            if s.rank_exit_code is not None and s.exit_code is not None and code != _slurm_exit(s):
+                code += f" (the failing rank's; the job's: {_slurm_exit(s)})"
+            con.print(f"\n[red]{s.name} {s.state}[/red]" + escape((f" on {s.nodes}" if s.nodes else "")
+                      + (f", exit code {code}" if code else "")
                       + (f"; a task failed on {', '.join(s.failed_nodes)}" if s.failed_nodes else "")
-                      + f"; log {s.log}")
+                      + f"; log {s.log}"))
+            if s.error_line:
+                con.print(f"  error: {s.error_line}", markup=False)
             for line in tail(s.log, 10):
                 con.print(f"  | {line}", markup=False)
             con.print(f"  rerun it: hpcjobs rerun {cs.record.chain_id}", markup=False)
@@ -184,14 +218,13 @@ def chain_list(statuses: List[ChainStatus]) -> None:
     if not statuses:
         con.print("no chains yet (hpcjobs submit RECIPE ...)")
         return
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("chain", "state", "recipe", "profile", "created", "stages"):
-        table.add_column(col)
+    table = _table("chain", "state", "recipe", "profile", "created", "stages")
     for cs in statuses:
         done = sum(1 for s in cs.stages if s.state == "COMPLETED")
-        table.add_row(cs.record.chain_id, _state(cs.state), cs.record.recipe, cs.record.profile,
-                      cs.record.created, f"{done}/{len(cs.stages)} done")
+        r = cs.record
+        table.add_row(Text(r.chain_id), _state(cs.state), Text(r.recipe), Text(r.profile), Text(r.created),
+                      f"{done}/{len(cs.stages)} done")
     con.print(table)
     warned = {w for cs in statuses for w in cs.warnings}
     for w in sorted(warned):
-        con.print(f"[yellow]warning:[/yellow] {w}")
+        con.print(f"[yellow]warning:[/yellow] {escape(w)}")

@@ -10,6 +10,14 @@ The local index (``<state dir>/chains/<chain id>`` symlinks to run directories)
 is only a shortcut for ``hpcjobs status CHAIN``; ``hpcjobs list --scan ROOT``
 rebuilds it from the run directories. No SQLite: its locking breaks on the
 network filesystems run directories live on.
+
+Reading is forgiving where it can be and precise where it cannot: fields this
+version does not know (a newer hpcjobs, a hand edit) are kept and written back
+unchanged; a missing optional field gets its default; a missing required field
+or a value of the wrong type makes the record *damaged* (:class:`DamagedRecord`,
+naming the file and the field), which ``list`` reports and skips. A run directory
+that was moved as a whole is found at its new place: the directory a record is
+loaded from wins over the ``run_dir`` stored in it.
 """
 
 from __future__ import annotations
@@ -17,9 +25,10 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from . import paths
 from .errors import HpcjobsError
@@ -32,6 +41,20 @@ def utcnow() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+class DamagedRecord(HpcjobsError):
+    """A ``chain.json`` that cannot be used: unreadable, not JSON, a required field missing or
+    of the wrong type, or a record version this hpcjobs does not read."""
+
+    def __init__(self, path: Path, problem: str, *, label: str = "damaged chain record"):
+        super().__init__(f"{path}: {label}: {problem}")
+        self.path = Path(path)
+        self.problem = problem
+
+
+class _Bad(Exception):
+    """A field-level problem found while reading a record (becomes a DamagedRecord)."""
+
+
 @dataclass
 class Attempt:
     n: int
@@ -39,6 +62,7 @@ class Attempt:
     submitted: Optional[str] = None
     overrides: List[str] = field(default_factory=list)
     note: str = ""
+    extra: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # unknown fields, kept
 
 
 @dataclass
@@ -47,6 +71,7 @@ class StageRecord:
     kind: str
     after: List[str]
     attempts: List[Attempt] = field(default_factory=list)
+    extra: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # unknown fields, kept
 
     @property
     def current(self) -> Attempt:
@@ -68,6 +93,7 @@ class ChainRecord:
     submission: str = "submitting"   # submitting | submitted | failed | cancelled
     error: Optional[str] = None
     version: int = VERSION
+    extra: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # unknown fields, kept
 
     # ---- access
 
@@ -92,28 +118,174 @@ class ChainRecord:
     # ---- persistence
 
     def save(self) -> None:
-        write_atomic(Path(self.run_dir) / RECORD, json.dumps(asdict(self), indent=2) + "\n")
+        write_atomic(Path(self.run_dir) / RECORD, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The JSON form: known fields, then the unknown ones this record was read with."""
+        return _to_dict(self)
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "ChainRecord":
-        stages = [StageRecord(s["name"], s["kind"], list(s["after"]),
-                              [Attempt(**a) for a in s["attempts"]]) for s in data["stages"]]
-        fields = {k: v for k, v in data.items() if k != "stages"}
-        return cls(stages=stages, **fields)
+    def from_dict(cls, data: Any, *, run_dir: Optional[str] = None) -> "ChainRecord":
+        """A record from its JSON form. ``run_dir``: the directory it was read from, which wins
+        over the stored one. Raises ``ValueError`` naming the field that is missing or wrong."""
+        try:
+            return _chain_from(data, run_dir)
+        except _Bad as e:
+            raise ValueError(str(e)) from None
 
     @classmethod
     def load(cls, run_dir: Path) -> "ChainRecord":
         path = Path(run_dir) / RECORD
+        if not path.exists() and not path.is_symlink():
+            raise HpcjobsError(f"{run_dir} is not a chain run directory (no {RECORD})")
+        if path.is_dir():
+            raise DamagedRecord(path, "it is a directory, not a file")
         try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise HpcjobsError(f"{run_dir} is not a chain run directory (no {RECORD})") from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise HpcjobsError(f"cannot read {path}: {e}") from None
-        if data.get("version") != VERSION:
-            raise HpcjobsError(f"{path}: record version {data.get('version')} is not supported "
-                               f"by this hpcjobs (expects {VERSION})")
-        return cls.from_dict(data)
+            raw = path.read_bytes()
+        except OSError as e:
+            raise DamagedRecord(path, f"cannot be read ({e.strerror or e})") from None
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DamagedRecord(path, f"not UTF-8 text (byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise DamagedRecord(path, "empty file" if not raw.strip() else f"not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise DamagedRecord(path, f"expected a JSON object, got {_kind(data)}")
+        version = data.get("version", VERSION)
+        if not _is_int(version):
+            raise DamagedRecord(path, f"version: expected an integer, got {_kind(version)} {version!r}")
+        if version != VERSION:
+            raise DamagedRecord(path, f"version {version}; this hpcjobs reads version {VERSION}",
+                                label="unsupported chain record")
+        try:
+            return _chain_from(data, str(Path(run_dir).absolute()))
+        except _Bad as e:
+            raise DamagedRecord(path, str(e)) from None
+
+
+# ---------------------------------------------------------------- reading and writing the JSON form
+
+_CREATED = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+
+def _kind(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _str(where: str, v: Any, *, optional: bool = False) -> Optional[str]:
+    if v is None and optional:
+        return None
+    if not isinstance(v, str):
+        raise _Bad(f"{where}: expected a string{' or null' if optional else ''}, got {_kind(v)}")
+    return v
+
+
+def _str_list(where: str, v: Any) -> List[str]:
+    if not isinstance(v, list):
+        raise _Bad(f"{where}: expected a list, got {_kind(v)}")
+    for i, x in enumerate(v):
+        _str(f"{where}[{i}]", x)
+    return list(v)
+
+
+def _obj(where: str, v: Any) -> Dict[str, Any]:
+    if not isinstance(v, dict):
+        raise _Bad(f"{where}: expected an object, got {_kind(v)}")
+    return v
+
+
+def _required(where: str, data: Dict[str, Any], key: str) -> Any:
+    if key not in data:
+        raise _Bad(f"{where + '.' if where else ''}{key}: required field is missing")
+    return data[key]
+
+
+def _known(cls) -> List[str]:
+    return [f.name for f in fields(cls) if f.name != "extra"]
+
+
+def _extra(cls, data: Dict[str, Any]) -> Dict[str, Any]:
+    known = set(_known(cls))
+    return {k: v for k, v in data.items() if k not in known}
+
+
+def _attempt_from(where: str, data: Any) -> Attempt:
+    d = _obj(where, data)
+    n = _required(where, d, "n")
+    if not _is_int(n):
+        raise _Bad(f"{where}.n: expected an integer, got {_kind(n)} {n!r}")
+    job_id = _str(f"{where}.job_id", d.get("job_id"), optional=True)
+    if job_id is not None and not job_id.isdigit():
+        raise _Bad(f"{where}.job_id: {job_id!r} is not a Slurm job id")
+    return Attempt(n=n, job_id=job_id, submitted=_str(f"{where}.submitted", d.get("submitted"), optional=True),
+                   overrides=_str_list(f"{where}.overrides", d.get("overrides", [])),
+                   note=_str(f"{where}.note", d.get("note", "")), extra=_extra(Attempt, d))
+
+
+def _stage_from(where: str, data: Any, earlier: List[str]) -> StageRecord:
+    d = _obj(where, data)
+    name = _str(f"{where}.name", _required(where, d, "name"))
+    if name in earlier:
+        raise _Bad(f"{where}.name: stage {name!r} appears twice")
+    kind = _str(f"{where}.kind", _required(where, d, "kind"))
+    after = _str_list(f"{where}.after", d.get("after", []))
+    for up in after:
+        if up not in earlier:
+            raise _Bad(f"{where}.after: {up!r} is not an earlier stage of this chain")
+    attempts = _required(where, d, "attempts")
+    if not isinstance(attempts, list):
+        raise _Bad(f"{where}.attempts: expected a list, got {_kind(attempts)}")
+    if not attempts:
+        raise _Bad(f"{where}.attempts: the list is empty (every stage has at least one attempt)")
+    return StageRecord(name=name, kind=kind, after=after,
+                       attempts=[_attempt_from(f"{where}.attempts[{i}]", a) for i, a in enumerate(attempts)],
+                       extra=_extra(StageRecord, d))
+
+
+def _chain_from(data: Any, run_dir: Optional[str]) -> ChainRecord:
+    d = _obj("record", data)
+    chain_id = _str("chain_id", _required("", d, "chain_id"))
+    created = _str("created", _required("", d, "created"))
+    if not _CREATED.match(created):
+        raise _Bad(f"created: {created!r} is not a UTC time like 2026-12-02T09:41:00Z")
+    raw_stages = _required("", d, "stages")
+    if not isinstance(raw_stages, list):
+        raise _Bad(f"stages: expected a list, got {_kind(raw_stages)}")
+    stages: List[StageRecord] = []
+    for i, s in enumerate(raw_stages):
+        stages.append(_stage_from(f"stages[{i}]", s, [x.name for x in stages]))
+    stored_dir = _str("run_dir", d.get("run_dir"), optional=True)
+    if run_dir is None and stored_dir is None:
+        raise _Bad("run_dir: required field is missing")
+    version = d.get("version", VERSION)
+    if not _is_int(version):
+        raise _Bad(f"version: expected an integer, got {_kind(version)} {version!r}")
+    return ChainRecord(
+        chain_id=chain_id, name=_str("name", d.get("name", chain_id)),
+        recipe=_str("recipe", d.get("recipe", "")), recipe_path=_str("recipe_path", d.get("recipe_path", "")),
+        profile=_str("profile", d.get("profile", "")),
+        slurm_conf=_str("slurm_conf", d.get("slurm_conf"), optional=True),
+        run_dir=run_dir if run_dir is not None else stored_dir, created=created,
+        overrides=_str_list("overrides", d.get("overrides", [])), stages=stages,
+        submission=_str("submission", d.get("submission", "submitting")),
+        error=_str("error", d.get("error"), optional=True), version=version,
+        extra=_extra(ChainRecord, d))
+
+
+def _to_dict(obj: Any) -> Any:
+    if isinstance(obj, (ChainRecord, StageRecord, Attempt)):
+        out = {name: _to_dict(getattr(obj, name)) for name in _known(type(obj))}
+        out.update((k, v) for k, v in obj.extra.items() if k not in out)
+        return out
+    if isinstance(obj, list):
+        return [_to_dict(x) for x in obj]
+    return obj
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -148,31 +320,48 @@ def index_add(record: ChainRecord) -> None:
     link = d / record.chain_id
     tmp = d / f".{record.chain_id}.{os.getpid()}"
     tmp.unlink(missing_ok=True)
-    os.symlink(record.run_dir, tmp)
+    os.symlink(str(Path(record.run_dir).absolute()), tmp)
     os.replace(tmp, link)
 
 
 def indexed() -> Dict[str, Path]:
-    """chain id -> run dir, for every index entry whose run directory still exists."""
+    """chain id -> run dir, for every index entry whose run directory still holds a record.
+
+    Entries whose run directory is gone (deleted, or moved: ``list --scan`` finds it again)
+    are left out; so are stray files. A ``chain.json`` that is there but unusable is kept,
+    so that loading it reports what is wrong with it.
+    """
     d = index_dir()
-    if not d.is_dir():
-        return {}
     out = {}
-    for link in d.iterdir():
-        if link.name.startswith("."):
+    try:
+        entries = sorted(d.iterdir()) if d.is_dir() else []
+    except OSError:
+        return {}
+    for link in entries:
+        if link.name.startswith(".") or not link.is_symlink():
             continue
-        target = Path(os.readlink(link)) if link.is_symlink() else None
-        if target is not None and (target / RECORD).is_file():
+        try:
+            target = d / os.readlink(link)     # an absolute target replaces d
+        except OSError:
+            continue
+        rec = target / RECORD
+        if rec.exists() or rec.is_symlink():
             out[link.name] = target
     return out
 
 
-def scan(root: Path) -> List[ChainRecord]:
-    """Records of every run directory under ``root``; re-adds them to the index."""
+def scan(root: Path, damaged: Optional[List[DamagedRecord]] = None) -> List[ChainRecord]:
+    """Records of every run directory under ``root``; re-adds them to the index (with the
+    directory where each was found, so a moved run directory is indexed at its new place).
+    Records that cannot be used are skipped, and appended to ``damaged`` when given."""
     records = []
-    for rec in sorted(Path(root).expanduser().glob(f"*/{RECORD}")):
+    for rec in sorted(Path(root).expanduser().absolute().glob(f"*/{RECORD}")):
         try:
             r = ChainRecord.load(rec.parent)
+        except DamagedRecord as e:
+            if damaged is not None:
+                damaged.append(e)
+            continue
         except HpcjobsError:
             continue
         index_add(r)
@@ -180,11 +369,26 @@ def scan(root: Path) -> List[ChainRecord]:
     return records
 
 
+def _reindex(record: ChainRecord) -> None:
+    """Point the index at where ``record`` was loaded from, if it points elsewhere (best effort)."""
+    try:
+        if indexed().get(record.chain_id) != Path(record.run_dir):
+            index_add(record)
+    except OSError:
+        pass
+
+
 def find(ref: str) -> ChainRecord:
     """A chain by id, run directory path, name (the latest chain of that name), or unique id prefix."""
-    p = Path(ref).expanduser()
-    if (p / RECORD).is_file():
-        return ChainRecord.load(p)
+    try:
+        p = Path(ref).expanduser()
+        is_dir_ref = (p / RECORD).exists() or (p / RECORD).is_symlink()
+    except (RuntimeError, ValueError, OSError):   # ~unknownuser, a NUL byte, ...: not a path
+        is_dir_ref = False
+    if is_dir_ref:
+        rec = ChainRecord.load(p)
+        _reindex(rec)
+        return rec
     known = indexed()
     if ref in known:
         return ChainRecord.load(known[ref])
@@ -200,11 +404,20 @@ def find(ref: str) -> ChainRecord:
                        "path works too, and `hpcjobs list --scan ROOT` re-indexes a runs root")
 
 
-def all_records() -> List[ChainRecord]:
-    out = []
+def load_all() -> Tuple[List[ChainRecord], List[DamagedRecord]]:
+    """Every indexed chain, oldest first, and the records that could not be used."""
+    out: List[ChainRecord] = []
+    damaged: List[DamagedRecord] = []
     for run_dir in indexed().values():
         try:
             out.append(ChainRecord.load(run_dir))
+        except DamagedRecord as e:
+            damaged.append(e)
         except HpcjobsError:
             continue
-    return sorted(out, key=lambda r: r.created)
+    return sorted(out, key=lambda r: r.created), damaged
+
+
+def all_records() -> List[ChainRecord]:
+    """Every indexed chain whose record can be used, oldest first."""
+    return load_all()[0]

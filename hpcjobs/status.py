@@ -22,7 +22,7 @@ import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .errors import SlurmError
 from .records import ChainRecord
@@ -50,6 +50,9 @@ class StageStatus:
     history: List[dict] = field(default_factory=list)   # earlier runs: state, nodes, start, end
     failed_nodes: List[str] = field(default_factory=list)  # nodes srun reported a task failure on
     orphans: List[str] = field(default_factory=list)     # jobs of this stage never recorded
+    error_line: Optional[str] = None       # the failing rank's exception line, from the log
+    rank_exit_code: Optional[int] = None   # the failing rank's exit code, from the log (128+N: signal N)
+    rank_signal: Optional[int] = None      # the signal that killed the failing rank, if one did
 
     @property
     def failed(self) -> bool:
@@ -132,6 +135,107 @@ def failed_nodes(log: Optional[str]) -> List[str]:
     return causes or others
 
 
+# ---- the failing rank: its exception line and exit code, read from the stage's log
+
+# base.sbatch.j2 prints this line when a run of the job starts; a requeued job appends to its log.
+_RUN_START = re.compile(r"^hpcjobs: chain \S+ stage \S+ attempt \d+ job .* restart \d+\s*$")
+# DeepSpeed's launcher (one per node), when one of its ranks exits non-zero (negative: a signal).
+_DS_RETURN_CODE = re.compile(r"exits with return code = (-?\d+)")
+# torch elastic's failure summary ("Root Cause (first observed failure):" ... "exitcode  : 1 (pid: 7)").
+_ELASTIC_ROOT = re.compile(r"Root Cause \(first observed failure\)")
+_ELASTIC_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)", re.M)
+_EXC_NAME = r"(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception)"
+_EXC_LINE = re.compile(rf"^{_EXC_NAME}(?::\s.*)?$")
+# A label some launchers put before each line of a rank's output: "1: ", "node2: ", "[rank1]: ".
+_LABEL = re.compile(r"^(?:\[[\w.:-]+\]|[\w.-]+):\s+")
+_HPCJOBS_ERROR = re.compile(r"^(?:\[hpcjobs\.\w+\]|hpcjobs(?:\.\w+)?:) error: \S")
+_CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
+# What launchers raise about a child that failed: never the cause itself.
+_LAUNCHER_EXC = re.compile(r"^(?:\S+\.)?(?:ChildFailedError|CalledProcessError)\b")
+# What the surviving ranks see when a peer dies: the cause is elsewhere, if it is in the log.
+_COLLATERAL = re.compile(r"closed by peer|reset by peer|Broken pipe|communicator was aborted|SignalException|"
+                         r"got signal:? \d+|remote process exited|Socket Timeout|DistBackendError", re.I)
+
+
+def _current_run(text: str) -> List[str]:
+    """The log lines of the job's latest run (a requeued job appends each run to the same log)."""
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if _RUN_START.match(line)]
+    return lines[starts[-1]:] if starts else lines
+
+
+def _unlabel(line: str) -> str:
+    """The line without a launcher's per-rank label ("1: ", "[rank1]: "); an exception line as is."""
+    line = line.rstrip()
+    m = _LABEL.match(line)
+    if m and not re.match(_EXC_NAME + r":", line) and not _HPCJOBS_ERROR.match(line):
+        return line[m.end():]
+    return line
+
+
+def _exception_in(line: str) -> Optional[str]:
+    line = _unlabel(line)
+    return line if _EXC_LINE.match(line) or _HPCJOBS_ERROR.match(line) else None
+
+
+def error_line(lines: List[str]) -> Optional[str]:
+    """The exception line of the rank that failed first: the last line of the first traceback
+    in the log (through chained exceptions), passing over what launchers raise about a failed
+    child and what peers see when a rank dies (a closed connection, SIGTERM) if the cause is there too."""
+    groups: List[str] = []
+    chained = False
+    for line in lines:
+        if _unlabel(line).lstrip().startswith(_CHAINED):
+            chained = True
+            continue
+        exc = _exception_in(line)
+        if exc is None:
+            continue
+        if chained and groups:
+            groups[-1] = exc          # the exception raised while handling the previous one
+        else:
+            groups.append(exc)
+        chained = False
+    groups = [g for g in groups if not _LAUNCHER_EXC.match(g)]
+    causes = [g for g in groups if not _COLLATERAL.search(g)]
+    return (causes or groups or [None])[0]
+
+
+def rank_exit(lines: List[str], cause_nodes: List[str]) -> Tuple[Optional[int], Optional[int]]:
+    """The exit code (and signal) of the rank that failed first, as launchers print it:
+    DeepSpeed's ``exits with return code = N`` (negative: killed by signal -N), torch
+    elastic's root-cause ``exitcode : N``, else srun's ``task N: Exited with exit code N`` for
+    the node that caused the failure. ``(None, None)`` when the log does not say."""
+    text = "\n".join(lines)
+    code: Optional[int] = None
+    for m in _DS_RETURN_CODE.finditer(text):
+        if int(m.group(1)) != 0:
+            code = int(m.group(1))
+            break
+    if code is None:
+        root = _ELASTIC_ROOT.search(text)
+        m = _ELASTIC_EXIT.search(text, root.end() if root else 0)
+        if m and int(m.group(1)) != 0:
+            code = int(m.group(1))
+    if code is None:
+        exited = [(node, int(c.group(1))) for node, what in _SRUN_TASK_ERROR.findall(text)
+                  if (c := _EXIT_CODE.search(what))]
+        picked = [c for node, c in exited if node in cause_nodes] or [c for _, c in exited]
+        code = picked[0] if picked else None
+    if code is None:
+        return None, None
+    if code < 0:
+        return 128 - code, -code
+    return code, None
+
+
+def diagnose(log: Optional[str], cause_nodes: List[str]) -> Tuple[Optional[str], Optional[int], Optional[int]]:
+    """(error line, exit code, signal) of the failing rank, from the latest run in ``log``."""
+    lines = _current_run("\n".join(tail(log, 5000)))
+    code, sig = rank_exit(lines, cause_nodes)
+    return error_line(lines), code, sig
+
+
 def _stage_status(record: ChainRecord, name: str, queue: Dict[str, QueueInfo],
                   acct: Dict[str, List[AcctInfo]]) -> StageStatus:
     st = record.stage(name)
@@ -191,6 +295,8 @@ def _stage_status(record: ChainRecord, name: str, queue: Dict[str, QueueInfo],
         s.exit_code = marker.get("exit_code")
     if s.state in FAILED_STATES or any(h["state"] in FAILED_STATES for h in s.history):
         s.failed_nodes = failed_nodes(s.log)
+    if s.state in FAILED_STATES:
+        s.error_line, s.rank_exit_code, s.rank_signal = diagnose(s.log, s.failed_nodes)
     return s
 
 
