@@ -17,6 +17,7 @@ import yaml
 
 from . import paths
 from .errors import ConfigError
+from .userfiles import read_text
 
 
 @dataclass(frozen=True)
@@ -28,12 +29,12 @@ class Entry:
 
 
 def _describe(path: Path, key: Optional[str]) -> str:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
+    try:  # only a description: a file that cannot be read is reported when it is loaded (yamlfile)
+        data = yaml.safe_load(read_text(path, "file")) or {}
+    except (ConfigError, yaml.YAMLError, RecursionError):  # RecursionError: [[[[... nested thousands deep
         return "(unreadable)"
     if key:
-        data = data.get(key) or {}
+        data = (data.get(key) if isinstance(data, dict) else None) or {}
     return str(data.get("description", "")) if isinstance(data, dict) else ""
 
 
