@@ -45,6 +45,7 @@ import copy
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -464,6 +465,8 @@ def load_user_ds_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     column with the offending line shown. Duplicate keys (DeepSpeed rejects them when
     it reads the file, the HF Trainer silently keeps the last), ``NaN``/``Infinity``
     and a top level that is not an object are errors too. ``"auto"`` values are kept.
+    The nested keys DeepSpeed and the HF integration read must have their JSON types
+    (:func:`check_user_ds_types`).
     """
     return parse_user_ds_config(read_text(path, "DeepSpeed config"), source=os.fspath(path))
 
@@ -506,7 +509,124 @@ def parse_user_ds_config(text: str, source: str = "<ds_config>") -> dict[str, An
             f"a DeepSpeed config is a JSON object ({{...}}), this file holds a {type(cfg).__name__}",
             source=source,
         )
+    check_user_ds_types(cfg, source=source, text=text)
     return cfg
+
+
+# --------------------------------------------------------------------------- user config types
+#
+# DeepSpeed's pydantic models coerce what they read ("2" -> 2, "yes" -> True, 2.0 -> 2), but
+# the HF integration reads the same keys raw: ``is_zero3()`` is ``stage == 3``, ``is_true``
+# is Python truthiness ("no" is true), and ``fill_match`` stops the job when a concrete
+# value ``!=`` the Trainer's. A value that is not of its JSON type therefore means one thing
+# to DeepSpeed and another to the Trainer, inside the job; hpcjobs asks for the JSON type.
+
+OFFLOAD_DEVICES_DS = ("none", "cpu", "nvme")  # DeepSpeed's OffloadDeviceEnum
+_PRECISION_SECTIONS = ("bf16", "bfloat16", "fp16")  # "bfloat16": DeepSpeed's old name for "bf16"
+
+
+def _json_repr(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _line_of(text: str | None, path: tuple[str, ...]) -> int | None:
+    """The line of ``"a": ... "b":`` for path (a, b), found in order; None if not found."""
+    if not text:
+        return None
+    pos = 0
+    for part in path:
+        m = re.compile(re.escape(json.dumps(part)) + r"\s*:").search(text, pos)
+        if not m:
+            return None
+        pos = m.start() + 1
+    return text.count("\n", 0, pos) + 1
+
+
+def check_user_ds_types(cfg: Mapping[str, Any], *, source: str = "<ds_config>", text: str | None = None) -> None:
+    """Type-check the keys of a user DeepSpeed config that DeepSpeed and the HF Trainer read.
+
+    ``train_batch_size``/``train_micro_batch_size_per_gpu``/``gradient_accumulation_steps``:
+    a positive integer or ``"auto"``; ``gradient_clipping``: a number >= 0 or ``"auto"``;
+    ``zero_optimization``: an object with ``stage`` 0-3 (an integer) and ``offload_optimizer``/
+    ``offload_param`` objects whose ``device`` is none, cpu or nvme; ``bf16``/``fp16``: objects
+    whose ``enabled`` is true, false or ``"auto"``. Errors name the JSON key path (and its
+    line when ``text`` is given).
+    """
+
+    def fail(path: tuple[str, ...], message: str, hint: str | None = None) -> ConfigError:
+        return ConfigError(message, key=".".join(path), source=source, line=_line_of(text, path), hint=hint)
+
+    for key in (TRAIN_BATCH, MICRO_BATCH, GRAD_ACC):
+        try:
+            _config_number(cfg, key, source)
+        except ConfigError as e:
+            raise fail((key,), e.message.removeprefix(f"{source}: {key}: "), e.hint) from None
+    clip = cfg.get("gradient_clipping")
+    if clip is not None and clip != AUTO and not (_is_number(clip) and clip >= 0):
+        raise fail(("gradient_clipping",), f'must be a number >= 0 or "auto", got {_json_repr(clip)}')
+
+    def section(path: tuple[str, ...], value: Any, example: str) -> Mapping[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise fail(path, f"must be a JSON object like {example}, got {_json_repr(value)}")
+        return value
+
+    zero = section(("zero_optimization",), cfg.get("zero_optimization"), '{"stage": 2}')
+    if "stage" in zero and not any(type(zero["stage"]) is int and zero["stage"] == s for s in ZERO_STAGES):
+        raise fail(("zero_optimization", "stage"),
+                   f"must be 0, 1, 2 or 3 (a JSON integer), got {_json_repr(zero['stage'])}")
+    for part in ("offload_optimizer", "offload_param"):
+        off = section(("zero_optimization", part), zero.get(part), '{"device": "cpu"}')
+        if "device" in off and off["device"] not in OFFLOAD_DEVICES_DS:
+            raise fail(("zero_optimization", part, "device"),
+                       f"must be none, cpu or nvme, got {_json_repr(off['device'])}")
+    for key in _PRECISION_SECTIONS:
+        sec = section((key,), cfg.get(key), '{"enabled": true}')
+        if "enabled" in sec and not (isinstance(sec["enabled"], bool) or sec["enabled"] == AUTO):
+            raise fail((key, "enabled"), f'must be true, false or "auto", got {_json_repr(sec["enabled"])}')
+
+
+def check_against_job(
+    cfg: Mapping[str, Any],
+    *,
+    precision: str,
+    max_grad_norm: float | None = None,
+    precision_from: str = "precision",
+    max_grad_norm_from: str = "max_grad_norm",
+    source: str = "<ds_config>",
+) -> None:
+    """A user DeepSpeed config must not contradict the stage it runs in.
+
+    The HF Trainer compares every concrete ``bf16.enabled``, ``fp16.enabled`` and
+    ``gradient_clipping`` with its own arguments (the stage's ``precision`` and
+    ``max_grad_norm``) and stops the job on a mismatch; ``"auto"`` or an absent key is
+    filled in from them. ``*_from`` name the settings in messages.
+    """
+    precision = _choice(precision, "precision", PRECISIONS, source)
+    for key in _PRECISION_SECTIONS:
+        sec = cfg.get(key)
+        value = sec.get("enabled") if isinstance(sec, Mapping) else None
+        want = precision == ("fp16" if key == "fp16" else "bf16")
+        if isinstance(value, bool) and value != want:
+            raise ConfigError(
+                f"{key}.enabled is {_json_repr(value)} but {precision_from} is {precision}; "
+                "the HF Trainer stops on the mismatch",
+                source=source,
+                hint=f'set {key}.enabled to "auto" (hpcjobs fills in the stage\'s precision), '
+                f"or change {precision_from.split(' ')[0]}",
+            )
+    clip = cfg.get("gradient_clipping")
+    if max_grad_norm is not None and _is_number(clip) and clip != max_grad_norm:
+        raise ConfigError(
+            f"gradient_clipping is {_json_repr(clip)} but {max_grad_norm_from} is {max_grad_norm:g}; "
+            "the HF Trainer stops on the mismatch",
+            source=source,
+            hint=f'set gradient_clipping to "auto", or {max_grad_norm_from}={clip:g}',
+        )
 
 
 def _excerpt(text: str, lineno: int, colno: int) -> str:
@@ -540,7 +660,9 @@ __all__ = [
     "AUTO",
     "BatchNumbers",
     "build_ds_config",
+    "check_against_job",
     "check_batch_numbers",
+    "check_user_ds_types",
     "load_user_ds_config",
     "parse_user_ds_config",
     "resolve_batch_numbers",

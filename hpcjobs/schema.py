@@ -26,9 +26,63 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+from .constraints import choice, number, slurm_mem, text_template
+
+# Every choice below is a closed set and every number has a range, declared with the
+# key (hpcjobs/constraints.py) and checked when the chain is composed, before anything
+# is rendered or submitted. The sets are what the job-side code accepts.
+
 PRECISIONS = ("bf16", "fp16", "fp32")
 ACCELERATORS = ("cuda", "cpu")
 STAGE_KINDS = ("command", "convert", "finetune", "merge", "evaluate")
+
+# Weight dtypes: hpcjobs/train/convert.py DTYPES (auto keeps the checkpoint's) and
+# merge.py DTYPES; for merge, render.py turns auto into the profile's precision.
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+# hpcjobs/train/convert.py --llama-version (CONTEXT_LENGTH, DEFAULT_NORM_EPS).
+LLAMA_VERSIONS = (1, 2)
+ZERO_STAGES = (0, 1, 2, 3)
+OFFLOAD_DEVICES = ("none", "cpu")
+# peft.LoraConfig.bias.
+LORA_BIAS = ("none", "all", "lora_only")
+RESUME = ("auto", "never")
+# numpy's seed range (transformers.set_seed seeds numpy's legacy generator).
+SEED_MAX = 2 ** 32 - 1
+# Slurm's --signal=[B:]SIG@TIME takes 0..65535 seconds.
+SIGNAL_GRACE_MAX = 65535
+
+# [e.value for e in transformers.SchedulerType], transformers 5.24.0. The login node does
+# not import transformers; tests/test_constraints.py (marked train) compares this with the
+# installed version.
+SCHEDULER_TYPES = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+    "warmup_stable_decay", "greedy",
+)
+# Schedulers the finetune job cannot build: they need lr_scheduler_kwargs, which it does not pass.
+_NEEDS_MIN_LR = "needs lr_scheduler_kwargs (min_lr or min_lr_rate), which hpcjobs does not pass to the Trainer"
+SCHEDULERS_UNSUPPORTED = {
+    "cosine_with_min_lr": _NEEDS_MIN_LR,
+    "cosine_warmup_with_min_lr": _NEEDS_MIN_LR,
+    "warmup_stable_decay": "needs lr_scheduler_kwargs (num_decay_steps), which hpcjobs does not pass to the Trainer",
+}
+SCHEDULERS = tuple(s for s in SCHEDULER_TYPES if s not in SCHEDULERS_UNSUPPORTED)
+# Schedulers stepped on an evaluation metric: the Trainer refuses them without evaluation.
+SCHEDULERS_NEEDING_EVAL = ("reduce_lr_on_plateau", "greedy")
+
+# [e.value for e in transformers.training_args.OptimizerNames], transformers 5.24.0 (checked
+# like SCHEDULER_TYPES). Some need extra packages in the jobs' environment (bitsandbytes, ...).
+OPTIMIZER_NAMES = (
+    "adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor",
+    "adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad",
+    "adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit",
+    "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit",
+    "paged_lion_8bit", "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit",
+    "galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
+    "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "lomo", "adalomo", "grokadamw",
+    "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd", "apollo_adamw",
+    "apollo_adamw_layerwise", "stable_adamw",
+)
 
 
 @dataclass
@@ -49,7 +103,7 @@ class PipelineEntry:
 class RunCfg:
     name: Optional[str] = None
     """Chain name (letters, digits, '.', '_', '-'); defaults to the recipe name."""
-    nodes: int = 1
+    nodes: int = number(1, ge=1, message="needs at least 1 node")
     """Nodes for multi-node stages (``--nodes``)."""
     root: str = "${profile.runs_root}"
     """Directory that holds one run directory per chain; must be on a filesystem every node sees."""
@@ -79,17 +133,17 @@ class ProfileCfg:
     account: Optional[str] = None
     qos: Optional[str] = None
     reservation: Optional[str] = None
-    accelerator: str = "cuda"
+    accelerator: str = choice(*ACCELERATORS, default="cuda")
     """``cuda`` (NCCL, bf16) or ``cpu`` (gloo; fake GPUs on the devcluster)."""
-    gpus_per_node: int = 8
-    train_gpus_per_node: Optional[int] = None
+    gpus_per_node: int = number(8, ge=0)
+    train_gpus_per_node: Optional[int] = number(None, ge=1)
     """GPUs (ranks) per node a finetune stage uses unless it says otherwise; None: all of them."""
     gpu_type: Optional[str] = None
     """GRES type for ``--gpus-per-node=TYPE:N`` (e.g. ``a800``); None asks for any GPU."""
-    cpus_per_node: int = 32
-    mem_per_node: Optional[str] = None
+    cpus_per_node: int = number(32, ge=1)
+    mem_per_node: Optional[str] = slurm_mem(None)
     """Memory a whole-node stage asks for (``--mem``), e.g. ``1000G``; None: site default."""
-    precision: str = "bf16"
+    precision: str = choice(*PRECISIONS, default="bf16")
     """Default training/conversion precision on this cluster: bf16, fp16 or fp32."""
     python: str = "python3"
     """Python inside jobs (after ``modules`` and ``setup``); it needs ``hpcjobs[train]``."""
@@ -104,9 +158,9 @@ class ProfileCfg:
     """Default ``--time`` for a stage."""
     runs_root: str = "~/hpcjobs-runs"
     """Default for ``run.root``."""
-    max_requeues: int = 3
+    max_requeues: int = number(3, ge=0)
     """How often a stage that reaches its time limit requeues itself."""
-    signal_grace: int = 300
+    signal_grace: int = number(300, ge=1, le=SIGNAL_GRACE_MAX)
     """Seconds before the time limit at which a stage gets SIGUSR2 to checkpoint."""
     sbatch: Dict[str, str] = field(default_factory=dict)
     """Extra ``#SBATCH`` options for every stage, e.g. ``{constraint: ib}``."""
@@ -124,21 +178,21 @@ class DataCfg:
     """Training data: .parquet, .jsonl, .json or .csv."""
     columns: List[str] = field(default_factory=list)
     """Columns the text template uses; checked before submission."""
-    template: str = MISSING
-    """Python format string building each training text from the columns."""
-    split: List[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    template: str = text_template(MISSING)
+    """Python format string building each training text from the columns: plain ``{column}`` fields."""
+    split: List[float] = number(default_factory=lambda: [0.8, 0.1, 0.1], ge=0, le=1)
     """Train / eval / test fractions."""
-    seed: int = 42
+    seed: int = number(42, ge=0, le=SEED_MAX)
 
 
 @dataclass
 class StageCfg:
     """Resources every stage has. None: derived from the profile."""
 
-    nodes: Optional[int] = None
-    gpus_per_node: Optional[int] = None
-    cpus_per_task: Optional[int] = None
-    mem: Optional[str] = None
+    nodes: Optional[int] = number(None, ge=1)
+    gpus_per_node: Optional[int] = number(None, ge=0)
+    cpus_per_task: Optional[int] = number(None, ge=1)
+    mem: Optional[str] = slurm_mem(None)
     time: Optional[str] = None
     sbatch: Dict[str, str] = field(default_factory=dict)
     """Extra ``#SBATCH`` options for this stage only."""
@@ -155,18 +209,18 @@ class ConvertStage(StageCfg):
     input: str = "${model.source}"
     """Meta checkpoint or Hugging Face directory; a Hugging Face one passes through."""
     output: str = "${run.dir}/hf-model"
-    llama_version: int = 2
-    dtype: str = "auto"
+    llama_version: int = choice(*LLAMA_VERSIONS, default=2)
+    dtype: str = choice(*DTYPES, default="auto")
     """float32, float16, bfloat16 or auto (from profile.precision)."""
 
 
 @dataclass
 class LoraCfg:
-    r: int = 8
-    alpha: int = 8
-    dropout: float = 0.05
+    r: int = number(8, ge=1)
+    alpha: int = number(8, ge=1)
+    dropout: float = number(0.05, ge=0, lt=1)
     target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    bias: str = "none"
+    bias: str = choice(*LORA_BIAS, default="none")
 
 
 @dataclass
@@ -176,30 +230,33 @@ class FinetuneStage(StageCfg):
     output: str = "${run.dir}/adapter"
     checkpoints: str = "${run.dir}/checkpoints"
     lora: LoraCfg = field(default_factory=LoraCfg)
-    micro_batch_size: int = 16
+    micro_batch_size: int = number(16, ge=1, le=65536)
     """Per-GPU micro batch (train_micro_batch_size_per_gpu)."""
-    grad_accum: int = 1
-    lr: float = 1e-3
-    max_steps: int = 200
+    grad_accum: int = number(1, ge=1)
+    lr: float = number(1e-3, gt=0)
+    max_steps: int = number(200, ge=1, also=(-1,), message="must be a positive step count or -1 (use epochs)")
     """-1: train for ``epochs`` instead."""
-    epochs: float = 1.0
-    warmup_steps: int = 100
-    scheduler: str = "cosine"
-    max_seq_length: int = 512
+    epochs: float = number(1.0, gt=0)
+    warmup_steps: int = number(100, ge=0)
+    scheduler: str = choice(*SCHEDULERS, default="cosine", unsupported=SCHEDULERS_UNSUPPORTED)
+    """The Trainer's ``lr_scheduler_type``; reduce_lr_on_plateau and greedy need ``eval_steps``."""
+    max_seq_length: int = number(512, ge=1)
     gradient_checkpointing: bool = True
-    precision: str = "auto"
+    precision: str = choice("auto", *PRECISIONS, default="auto")
     """bf16, fp16, fp32 or auto (from profile.precision)."""
-    max_grad_norm: float = 0.3
-    optim: str = "adamw_torch"
-    logging_steps: int = 10
-    save_steps: int = 100
-    save_total_limit: int = 2
-    eval_steps: Optional[int] = None
-    seed: int = 42
-    zero_stage: int = 2
-    offload_optimizer: str = "none"
+    max_grad_norm: float = number(0.3, ge=0)
+    optim: str = choice(*OPTIMIZER_NAMES, default="adamw_torch")
+    logging_steps: int = number(10, ge=1)
+    save_steps: int = number(100, ge=1)
+    save_total_limit: int = number(2, ge=0)
+    """Checkpoints kept (older ones are deleted); 0 keeps all."""
+    eval_steps: Optional[int] = number(None, ge=1)
+    """Evaluate on the eval split every N steps; None: no evaluation."""
+    seed: int = number(42, ge=0, le=SEED_MAX)
+    zero_stage: int = choice(*ZERO_STAGES, default=2)
+    offload_optimizer: str = choice(*OFFLOAD_DEVICES, default="none")
     """none or cpu: optimizer states in host memory (ZeRO-Offload); the Trainer's torch AdamW steps them."""
-    offload_param: str = "none"
+    offload_param: str = choice(*OFFLOAD_DEVICES, default="none")
     """none or cpu; ZeRO stage 3 only."""
     deepspeed_config: Optional[str] = None
     """Your own DeepSpeed JSON instead of the generated one; its batch numbers are checked."""
@@ -209,7 +266,7 @@ class FinetuneStage(StageCfg):
     """DeepSpeed ``--include`` spec, e.g. ``node1:0,1@node2:0``."""
     exclude: str = ""
     """DeepSpeed ``--exclude`` spec."""
-    resume: str = "auto"
+    resume: str = choice(*RESUME, default="auto")
     """auto: continue from the latest checkpoint if there is one; never: start fresh."""
 
 
@@ -218,7 +275,7 @@ class MergeStage(StageCfg):
     base: str = MISSING
     adapter: str = MISSING
     output: str = "${run.dir}/merged"
-    dtype: str = "auto"
+    dtype: str = choice(*DTYPES, default="auto")
 
 
 @dataclass
@@ -227,8 +284,8 @@ class EvaluateStage(StageCfg):
     merged: str = MISSING
     prompts: Optional[str] = None
     """Prompts file, one prompt per line; None: the first test-split rows without the answer column."""
-    max_new_tokens: int = 150
-    max_seq_length: int = 512
+    max_new_tokens: int = number(150, ge=1)
+    max_seq_length: int = number(512, ge=1)
     """Length the held-out texts are cut to for the loss (as in training)."""
     output: str = "${run.dir}/eval"
 
