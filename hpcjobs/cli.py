@@ -7,7 +7,10 @@ torch, deepspeed or transformers; ``demo-assets`` imports them when it runs.
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -91,6 +94,10 @@ def cli() -> None:
 
     Try it without a cluster: `hpcjobs devcluster up` starts a two-node Slurm
     cluster on this machine (profile `local`).
+
+    Exit status: 0 done; 1 something failed (a chain, a Slurm command); 2 bad
+    input or a file that cannot be read or written (one `error:` line, nothing
+    submitted); 70 an internal error, a bug: HPCJOBS_DEBUG=1 shows its traceback.
     """
 
 
@@ -110,8 +117,14 @@ def render(recipe, nodes, profile, name, config_files, hostfile, include, exclud
     from . import render as rendering
 
     run_dir = Path(out).absolute() if out else None
+    if run_dir is not None:  # written now, so refused now (a file in the way, read-only, /proc, ...)
+        problem = preflight.run_dir_text_problem(run_dir) or preflight.run_dir_problem(run_dir)
+        if problem:
+            raise ConfigError(problem, key="--out")
     composed, plan = _plan(recipe, nodes, profile, name, config_files, hostfile, include, exclude,
                            overrides, run_dir=run_dir)
+    if run_dir is None:  # a run root sbatch cannot take makes every script printed here unusable
+        preflight.check_run_dir(plan, composed, writable=False)
     try:
         preflight.check_inputs(plan, composed)
     except ConfigError as e:  # rendering is for inspection: inputs may live on the cluster only
@@ -208,15 +221,33 @@ def status(chain, as_json):
 def _latest():
     from . import records
 
-    recs = records.all_records()
+    recs, damaged = records.load_all()
+    _warn_damaged(damaged)
     if not recs:
         raise HpcjobsError("no chains yet", hint="submit one with `hpcjobs submit RECIPE`")
     return recs[-1]
 
 
+def _warn_damaged(damaged) -> None:
+    """One stderr line per chain record that could not be used (it is skipped)."""
+    for e in damaged:
+        _echo_err(f"warning: {e}")
+
+
+MIN_INTERVAL = 0.5  # seconds; every refresh runs squeue and sacct, which load slurmctld and slurmdbd
+
+
+def _interval(ctx, param, value: float) -> float:
+    if not math.isfinite(value) or value < MIN_INTERVAL or value > 86400:
+        raise click.BadParameter(f"must be between {MIN_INTERVAL} and 86400 seconds, got {value} "
+                                 "(each refresh runs squeue and sacct on the cluster's controller)")
+    return value
+
+
 @cli.command()
 @click.argument("chain", required=False)
-@click.option("--interval", "-n", default=5.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--interval", "-n", type=float, default=5.0, show_default=True, callback=_interval,
+              help=f"Seconds between refreshes (at least {MIN_INTERVAL}).")
 def watch(chain, interval):
     """Follow a chain live until it ends: states, elapsed times, training progress.
 
@@ -234,9 +265,10 @@ def watch(chain, interval):
 @cli.command()
 @click.argument("chain")
 @click.argument("stage", required=False)
-@click.option("--attempt", "-a", type=int, default=None, help="Attempt number (default: the latest).")
+@click.option("--attempt", "-a", type=click.IntRange(min=1), default=None,
+              help="Attempt number (default: the latest).")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing as the log grows, until the job ends.")
-@click.option("--lines", "-l", type=int, default=None, help="Only the last N lines.")
+@click.option("--lines", "-l", type=click.IntRange(min=1), default=None, help="Only the last N lines (N >= 1).")
 def logs(chain, stage, attempt, follow, lines):
     """Print a stage's Slurm log (default stage: the failed one, else the running one, else the last)."""
     from . import display, records, status as st
@@ -254,8 +286,10 @@ def logs(chain, stage, attempt, follow, lines):
 
 
 EPILOG_RERUN = """\b
-Overrides are KEY=VALUE pairs applied on top of the chain's saved, resolved
-configuration (<run dir>/config.yaml), which each rerun updates.
+Overrides are KEY=VALUE pairs merged over the layers the chain was submitted
+with (<run dir>/layers.yaml), so values linked with ${...} follow them
+(model.source=... reaches convert.input). They are checked exactly as
+`submit` checks them, and a later rerun keeps them.
 """
 
 
@@ -266,9 +300,11 @@ configuration (<run dir>/config.yaml), which each rerun updates.
 @click.option("--fresh", is_flag=True,
               help="Finetune starts over instead of resuming from its latest checkpoint "
                    "(the old checkpoints are moved aside, not deleted).")
-@click.option("--json", "as_json", is_flag=True, help='Print {"chain": ..., "jobs": {stage: job_id}}.')
+@click.option("--dry-run", is_flag=True, help="Check and show what would change and run; submit nothing.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"chain", "jobs": {stage: job_id}, "stages", "changes"}.')
 @click.argument("overrides", nargs=-1)
-def rerun(chain, from_stage, fresh, as_json, overrides):
+def rerun(chain, from_stage, fresh, dry_run, as_json, overrides):
     """Resubmit the failed stage (or --from STAGE) and every stage after it.
 
     Completed stages are not run again. Each rerun stage gets a new attempt
@@ -278,6 +314,9 @@ def rerun(chain, from_stage, fresh, as_json, overrides):
     \b
       hpcjobs rerun CHAIN finetune.micro_batch_size=8 finetune.grad_accum=2
 
+    The rerun is re-planned and checked like a submission (settings, input
+    files, the partition's size), and prints which resolved values change.
+    Changing a setting of a completed stage that is not rerun is refused.
     Rerunning finetune resumes from its latest checkpoint unless --fresh.
     Downstream jobs still waiting on the failed one are cancelled and replaced.
     """
@@ -285,13 +324,25 @@ def rerun(chain, from_stage, fresh, as_json, overrides):
     from . import rerun as reruns
 
     rec = records.find(chain)
-    ids = reruns.rerun(rec, from_stage=from_stage, overrides=overrides, fresh=fresh)
+    rp = reruns.rerun(rec, from_stage=from_stage, overrides=overrides, fresh=fresh, dry_run=dry_run)
+    changes = [{"key": k, "old": o, "new": n} for k, o, n in rp.changes]
     if as_json:
-        click.echo(json.dumps({"chain": rec.chain_id, "jobs": ids}))
+        click.echo(json.dumps({"chain": rec.chain_id, "jobs": rp.job_ids, "stages": rp.stages,
+                               "changes": changes, "dry_run": dry_run}, default=str))
         return
-    click.echo(f"rerunning {', '.join(ids)} of {rec.chain_id}")
-    for name, job in ids.items():
-        click.echo(f"  {name:<10} job {job}  attempt {rec.stage(name).current.n}")
+    verb = "would rerun" if dry_run else "rerunning"
+    click.echo(f"{verb} {', '.join(rp.stages)} of {rec.chain_id}")
+    for k, o, n in rp.changes:
+        click.echo(f"  changed  {k}: {o!r} -> {n!r}")
+    if not rp.changes:
+        click.echo("  no setting changed")
+    if rp.cancel:
+        click.echo(f"  {'would cancel' if dry_run else 'cancelled'} queued job(s) {', '.join(rp.cancel)}")
+    for name in rp.stages:
+        job = rp.job_ids.get(name, "-")
+        click.echo(f"  {name:<10} job {job}  attempt {rp.attempts[name]}")
+    if dry_run:
+        click.echo("nothing was submitted (--dry-run)")
 
 
 @cli.command(name="list")
@@ -302,9 +353,12 @@ def list_chains(as_json, scan):
     """Every known chain with its state (one squeue and one sacct call in all)."""
     from . import records, status as st
 
+    scanned_damaged: list = []
     if scan:
-        records.scan(Path(scan))
-    recs = records.all_records()
+        records.scan(Path(scan), damaged=scanned_damaged)
+    recs, damaged = records.load_all()
+    seen = {e.path for e in damaged}
+    _warn_damaged(damaged + [e for e in scanned_damaged if e.path not in seen])
     statuses = st.collect(recs) if recs else []
     if as_json:
         click.echo(json.dumps([cs.to_json() for cs in statuses], indent=2))
@@ -438,6 +492,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except click.exceptions.Abort:
         _echo_err("aborted")
         sys.exit(130)
+    except click.UsageError as e:  # a bad option or argument: one line, like every other refusal
+        cmd = e.ctx.command_path if e.ctx is not None else "hpcjobs"
+        _echo_err(f"error: {e.format_message()}")
+        _echo_err(f"  see: {cmd} --help")
+        sys.exit(e.exit_code)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
@@ -450,6 +509,35 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:  # the reader went away (`hpcjobs logs CHAIN | head`): nothing to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the flush at exit does not fail again
+        sys.exit(1)
+    except OSError as e:  # a file or directory the user named or pointed us at; never a traceback
+        if _debug():
+            traceback.print_exc()
+        _echo_err(f"error: {_os_error_text(e)}")
+        sys.exit(2)
+    except Exception as e:  # a bug in hpcjobs: one line, the traceback on request
+        if _debug():
+            raise
+        _echo_err(f"error: internal error: {type(e).__name__}: {e}")
+        _echo_err("  this is a bug in hpcjobs; please report it with the command and the output of the "
+                  "same command run with HPCJOBS_DEBUG=1 (which shows the traceback)")
+        sys.exit(INTERNAL_ERROR)
+
+
+INTERNAL_ERROR = 70  # sysexits.h EX_SOFTWARE: distinct from 1 (a failure) and 2 (bad input)
+
+
+def _debug() -> bool:
+    return os.environ.get("HPCJOBS_DEBUG", "") not in ("", "0")
+
+
+def _os_error_text(e: OSError) -> str:
+    names = [str(n) for n in (e.filename, e.filename2) if n is not None]
+    reason = e.strerror or str(e)
+    return f"{' -> '.join(names)}: {reason}" if names else reason
 
 
 if __name__ == "__main__":

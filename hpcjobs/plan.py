@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from . import config, dsconfig, hostspec, schema
+from . import config, constraints, dsconfig, hostspec, schema
 from .config import Composed
 from .errors import ConfigError
 
@@ -76,6 +76,7 @@ class ChainPlan:
     overrides: List[str]
     chain: Any                      # the resolved, typed configuration
     stages: List[StagePlan]
+    layers: str = ""                # the unresolved layers, as YAML (config.LAYERS_FILE): reruns re-merge them
 
     def stage(self, name: str) -> StagePlan:
         for s in self.stages:
@@ -126,8 +127,7 @@ def build(composed: Composed, *, chain_id: Optional[str] = None, run_dir: Option
     cfg.run.id = chain_id
     cfg.run.dir = str(Path(run_dir).absolute())
     chain = config.resolve(composed)
-    if chain.run.nodes < 1:
-        raise composed.error("run.nodes", f"needs at least 1 node, got {chain.run.nodes}")
+    constraints.check(composed, chain)  # every choice and range declared in schema.py
     _check_profile(composed, chain.profile)
     if hasattr(chain, "model"):
         chain.model.source = _abs(chain.model.source)
@@ -146,18 +146,11 @@ def build(composed: Composed, *, chain_id: Optional[str] = None, run_dir: Option
         stages.append(sp)
     return ChainPlan(chain_id, Path(run_dir).absolute(), now.strftime("%Y-%m-%dT%H:%M:%SZ"),
                      str(chain.recipe.name), composed.recipe.path, composed.profile,
-                     composed.overrides, chain, stages)
+                     composed.overrides, chain, stages, config.snapshot(composed))
 
 
 def _check_profile(composed: Composed, p: schema.ProfileCfg) -> None:
-    if p.accelerator not in schema.ACCELERATORS:
-        raise composed.error("profile.accelerator", f"must be one of {', '.join(schema.ACCELERATORS)}, "
-                             f"got {p.accelerator!r}")
-    if p.precision not in schema.PRECISIONS:
-        raise composed.error("profile.precision", f"must be one of {', '.join(schema.PRECISIONS)}")
-    for key in ("gpus_per_node", "cpus_per_node"):
-        if getattr(p, key) < (0 if key == "gpus_per_node" else 1):
-            raise composed.error(f"profile.{key}", f"must be positive, got {getattr(p, key)}")
+    # Sets and ranges of single keys are constraints.check's; here what depends on several keys.
     if p.train_gpus_per_node is not None and not 0 < p.train_gpus_per_node <= p.gpus_per_node:
         raise composed.error("profile.train_gpus_per_node",
                              f"must be between 1 and gpus_per_node ({p.gpus_per_node})")
@@ -169,18 +162,9 @@ def _check_profile(composed: Composed, p: schema.ProfileCfg) -> None:
             raise composed.error(f"profile.env.{k}", "not a valid environment variable name")
 
 
-def _check_positive(composed: Composed, prefix: str, section: Any, keys: List[str], minimum: int = 1) -> None:
-    for key in keys:
-        value = getattr(section, key)
-        if value is not None and value < minimum:
-            raise composed.error(f"{prefix}.{key}", f"must be at least {minimum}, got {value}")
-
-
 def _plan_stage(composed: Composed, chain: Any, name: str, kind: str, index: int, after: List[str],
                 s: Any, attempt: int, run_dir: Path) -> StagePlan:
     p: schema.ProfileCfg = chain.profile
-    _check_positive(composed, name, s, ["nodes", "cpus_per_task"])
-    _check_positive(composed, name, s, ["gpus_per_node"], minimum=0)
     if s.gpus_per_node is not None and s.gpus_per_node > p.gpus_per_node:
         raise composed.error(f"{name}.gpus_per_node",
                              f"asks for {s.gpus_per_node} GPUs per node but profile {p.name} nodes have "
@@ -233,7 +217,7 @@ def _plan_stage(composed: Composed, chain: Any, name: str, kind: str, index: int
         "time": time,
         "nodelist": ",".join(nodelist) or None,
         "exclude": ",".join(exclude_nodes) or None,
-        "output": str(adir / "slurm-%j.out"),
+        "output": str(adir).replace("%", "%%") + "/slurm-%j.out",  # a filename pattern: %% is a literal %
         "open-mode": "append",
     }
     if kind == "finetune":
@@ -257,32 +241,22 @@ def _plan_finetune(composed: Composed, chain: Any, sp: StagePlan) -> tuple:
     s: schema.FinetuneStage = sp.cfg
     p: schema.ProfileCfg = chain.profile
     name = sp.name
-    _check_positive(composed, name, s, ["micro_batch_size", "grad_accum", "max_seq_length",
-                                        "logging_steps", "save_steps"], minimum=1)
-    _check_positive(composed, name, s, ["warmup_steps"], minimum=0)
-    if s.max_steps == 0 or s.max_steps < -1:
-        raise composed.error(f"{name}.max_steps", "must be a positive step count or -1 (use epochs)")
-    if s.lr <= 0:
-        raise composed.error(f"{name}.lr", f"must be positive, got {s.lr}")
+    # Sets and ranges of single keys (zero_stage, lr, ...) are constraints.check's; here what
+    # depends on several keys.
+    precision_from = f"{name}.precision"
     if s.precision == "auto":
         s.precision = p.precision
-    if s.precision not in schema.PRECISIONS:
-        raise composed.error(f"{name}.precision", f"must be auto or one of {', '.join(schema.PRECISIONS)}")
+        precision_from = f"{name}.precision (auto: profile.precision of profile {p.name})"
     if p.accelerator == "cpu" and s.precision == "fp16":
         raise composed.error(f"{name}.precision", "fp16 needs a GPU; use fp32 or bf16 on profile "
                              f"{p.name} (accelerator cpu)")
-    if s.resume not in ("auto", "never"):
-        raise composed.error(f"{name}.resume", "must be auto or never")
-    if s.lora.r < 1 or s.lora.alpha < 1 or not 0 <= s.lora.dropout < 1:
-        raise composed.error(f"{name}.lora", "r and alpha must be positive, dropout in [0, 1)")
     if not s.lora.target_modules:
         raise composed.error(f"{name}.lora.target_modules", "needs at least one module name")
+    if s.scheduler in schema.SCHEDULERS_NEEDING_EVAL and not s.eval_steps:
+        raise composed.error(f"{name}.scheduler", f"{s.scheduler} steps on the evaluation loss, and the "
+                             "Trainer refuses it without evaluation",
+                             hint=f"set {name}.eval_steps, or use another scheduler")
 
-    if s.zero_stage not in (0, 1, 2, 3):
-        raise composed.error(f"{name}.zero_stage", f"must be 0, 1, 2 or 3, got {s.zero_stage}")
-    for key in ("offload_optimizer", "offload_param"):
-        if getattr(s, key) not in ("none", "cpu"):
-            raise composed.error(f"{name}.{key}", f"must be none or cpu, got {getattr(s, key)!r}")
     if s.offload_param == "cpu" and s.zero_stage != 3:
         raise composed.error(f"{name}.offload_param", f"parameter offload needs zero_stage 3 "
                              f"(zero_stage is {s.zero_stage})")
@@ -298,6 +272,9 @@ def _plan_finetune(composed: Composed, chain: Any, sp: StagePlan) -> tuple:
             dsconfig.check_batch_numbers(ds, micro_batch_per_gpu=s.micro_batch_size,
                                          gradient_accumulation_steps=s.grad_accum, world_size=world,
                                          source=s.deepspeed_config)
+            dsconfig.check_against_job(ds, precision=s.precision, precision_from=precision_from,
+                                       max_grad_norm=s.max_grad_norm, max_grad_norm_from=f"{name}.max_grad_norm",
+                                       source=s.deepspeed_config)
         except ConfigError as e:
             raise composed.error(f"{name}.deepspeed_config", str(e)) from None
     else:

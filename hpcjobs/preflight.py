@@ -7,13 +7,18 @@ Each failure names the setting and where its value came from.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Set
+from typing import Optional, Set
 
 from .config import Composed
 from .errors import ConfigError, HpcjobsError
 from .plan import ChainPlan
 from .slurm import Slurm, gres_gpus
+from .userfiles import read_text
+
+# Kernel filesystems: nothing a chain writes can live there.
+_PSEUDO_FS = ("/proc", "/sys", "/dev")
 
 
 def _produced_paths(plan: ChainPlan) -> Set[str]:
@@ -37,11 +42,80 @@ def _meta_or_hf(path: Path) -> str:
     return ""
 
 
-def check_inputs(plan: ChainPlan, composed: Composed) -> None:
+def run_dir_problem(run_dir: Path) -> Optional[str]:
+    """Why ``run_dir`` cannot be created (or written, if it exists); None if it can.
+
+    Looks, without writing anything, at the first part of the path that exists:
+    a file in the way, a kernel filesystem (/proc, /sys, /dev), a read-only
+    filesystem, or a directory this user may not write.
+    """
+    path = Path(os.path.abspath(run_dir))
+    real = Path(os.path.realpath(path))
+    for fs in _PSEUDO_FS:
+        if real == Path(fs) or Path(fs) in real.parents:
+            if fs == "/dev":
+                return (f"{path} is under /dev, which holds device files (and /dev/shm is memory of this "
+                        "one node); use a directory on a filesystem every node sees")
+            return f"{path} is on {fs}, a kernel filesystem, where no files can be created"
+    probe = path
+    while not os.path.lexists(probe) and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "a broken symbolic link" if probe.is_symlink() and not probe.exists() else "a file"
+        return (f"{probe} is {what}, not a directory" if probe == path else
+                f"{probe} is {what}, so {path} cannot be created")
+    try:
+        readonly = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+    except OSError:
+        readonly = False
+    if readonly:
+        return f"{probe} is on a read-only filesystem"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe}: permission denied (this user cannot create files there)"
+    return None
+
+
+def run_dir_text_problem(run_dir: Path, *, container: bool = False) -> Optional[str]:
+    """Characters of the run directory that sbatch cannot take in ``#SBATCH --output=``; None if fine.
+
+    ``%`` is fine (plan.py writes it as ``%%``); a backslash is not: Slurm drops it
+    from the path and then expands no ``%j``, so the log lands somewhere else.
+    ``render`` refuses these too, since the scripts it would print are unusable.
+    """
+    text = str(run_dir)
+    if any(c in text for c in "\n\r\0"):
+        return f"{text!r} has a line break or NUL in it; sbatch reads its options line by line"
+    if "\\" in text:
+        return (f"{text} has a backslash, which Slurm removes from the job's log path "
+                "(and then replaces no %j either); choose a path without '\\'")
+    if '"' in text and any(c.isspace() for c in text):
+        return f"{text!r} has both a double quote and a space; an #SBATCH line can quote one, not both"
+    if container and any(c in text for c in ":,"):
+        return f"{text} has ':' or ',', which apptainer's --bind reads as separators"
+    return None
+
+
+def check_run_dir(plan: ChainPlan, composed: Composed, *, writable: bool = True) -> None:
+    """The run directory can be named in sbatch options and (``writable``) created there.
+
+    A ConfigError naming ``run.root`` and where its value came from.
+    """
+    problem = run_dir_text_problem(plan.run_dir, container=bool(plan.chain.profile.container.image))
+    if problem is None and writable:
+        problem = run_dir_problem(plan.run_dir)
+    if problem:
+        raise composed.error("run.root", problem)
+
+
+def check_inputs(plan: ChainPlan, composed: Composed, only: Optional[Set[str]] = None) -> None:
+    """``only``: the stages that will run (a rerun); the others' inputs may be gone by now."""
+    check_run_dir(plan, composed)
     produced = _produced_paths(plan)
     chain = plan.chain
     for sp in plan.stages:
         s, name = sp.cfg, sp.name
+        if only is not None and name not in only:
+            continue
         if sp.kind == "convert":
             src = Path(s.input)
             if not src.is_dir():
@@ -60,15 +134,21 @@ def check_inputs(plan: ChainPlan, composed: Composed) -> None:
                 raise composed.error(f"{name}.{key}", f"{value} does not exist and no earlier stage "
                                      "produces it")
         if sp.kind == "evaluate" and s.prompts:
-            p = Path(s.prompts)
-            if not p.is_file() or not p.read_text().strip():
-                raise composed.error(f"{name}.prompts", f"{p} is missing or empty")
+            try:
+                text = read_text(s.prompts, "prompts file")
+            except ConfigError as e:
+                raise composed.error(f"{name}.prompts", e.message) from None
+            if not text.strip():
+                raise composed.error(f"{name}.prompts", f"{s.prompts}: prompts file has no prompts "
+                                     "(one per line, blank lines are ignored)")
         if sp.kind == "finetune":
             for key in ("hostfile", "deepspeed_config"):
                 value = getattr(s, key)
                 if value and not Path(value).is_file():
                     raise composed.error(f"{name}.{key}", f"{value} does not exist")
-    if hasattr(chain, "data"):
+    data_users = [sp for sp in plan.stages if sp.kind in ("finetune", "evaluate")
+                  and (only is None or sp.name in only)]
+    if hasattr(chain, "data") and data_users:
         _check_data(chain.data, composed)
 
 
@@ -92,7 +172,7 @@ def _check_data(data, composed: Composed) -> None:
                              f"summing to 1, got {list(data.split)}")
 
 
-def check_cluster(plan: ChainPlan, composed: Composed, slurm: Slurm) -> None:
+def check_cluster(plan: ChainPlan, composed: Composed, slurm: Slurm, only: Optional[Set[str]] = None) -> None:
     """The partition exists and has the nodes and GPUs each stage asks for."""
     conf = plan.chain.profile.slurm_conf
     if conf and not Path(conf).is_file():
@@ -105,6 +185,8 @@ def check_cluster(plan: ChainPlan, composed: Composed, slurm: Slurm) -> None:
     if not nodes:
         raise composed.error("profile.partition", f"Slurm reports no nodes in {where}")
     for sp in plan.stages:
+        if only is not None and sp.name not in only:
+            continue
         key = "run.nodes" if sp.kind == "finetune" and sp.cfg.nodes is None else f"{sp.name}.nodes"
         if sp.nodes > len(nodes):
             raise composed.error(key, f"stage {sp.name} asks for {sp.nodes} nodes but {where} has "

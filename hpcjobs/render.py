@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 import jinja2
 from omegaconf import OmegaConf
 
-from . import __version__, paths
+from . import __version__, config, paths
 from .errors import ConfigError, HpcjobsError
 from .plan import ChainPlan, StagePlan
 
@@ -232,6 +232,8 @@ def render(plan: ChainPlan) -> RenderedChain:
         "config.yaml": OmegaConf.to_yaml(OmegaConf.structured(plan.chain)),
         "submit.sh": _submit_sh(plan, stages),
     }
+    if plan.layers:
+        files[config.LAYERS_FILE] = plan.layers
     return RenderedChain(plan, stages, files)
 
 

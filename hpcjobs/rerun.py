@@ -15,10 +15,13 @@ replaced by the new attempts, so nothing is left pending.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from . import catalog, config, plan as planning, render, status
+import yaml
+
+from . import catalog, config, preflight, plan as planning, records, render, status
 from .errors import HpcjobsError
 from .records import Attempt, ChainRecord
 from .slurm import DONE_STATES, LIVE_STATES, Slurm
@@ -79,29 +82,104 @@ def prepare(cs: status.ChainStatus, start: str) -> Tuple[List[str], List[str]]:
     return todo, cancel
 
 
-def rerun(record: ChainRecord, *, from_stage: Optional[str], overrides: Sequence[str],
-          fresh: bool = False, slurm: Optional[Slurm] = None) -> Dict[str, str]:
-    slurm = slurm or Slurm(record.slurm_conf)
+@dataclass
+class RerunPlan:
+    """What a rerun would do, before it does it (``rerun --dry-run`` prints this)."""
+
+    start: str
+    stages: List[str]                       # the stages that run again, in order
+    cancel: List[str]                       # queued job ids of theirs that are replaced
+    changes: List[Tuple[str, Any, Any]]     # resolved keys whose value changes: (key, old, new)
+    rendered: render.RenderedChain
+    attempts: Dict[str, int]
+    composed: config.Composed
+    job_ids: Dict[str, str] = field(default_factory=dict)   # once submitted
+
+
+def _flat(data: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(data, dict) and data:
+        out: Dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def config_changes(old_yaml: str, new_yaml: str) -> List[Tuple[str, Any, Any]]:
+    """Resolved keys whose values differ between two config.yaml texts."""
+    old, new = _flat(yaml.safe_load(old_yaml) or {}), _flat(yaml.safe_load(new_yaml) or {})
+    moved_from, moved_to = old.get("run.dir"), new.get("run.dir")
+    if isinstance(moved_from, str) and isinstance(moved_to, str) and moved_from != moved_to:
+        # The run directory was moved: paths inside it moved with it, and are not changes.
+        def relocate(v: Any) -> Any:
+            if isinstance(v, str) and (v == moved_from or v.startswith(moved_from + "/")):
+                return moved_to + v[len(moved_from):]
+            return v
+        old = {k: relocate(v) for k, v in old.items()}
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def plan_rerun(record: ChainRecord, *, from_stage: Optional[str], overrides: Sequence[str],
+               fresh: bool = False, slurm: Slurm) -> RerunPlan:
+    """Re-plan the chain with ``overrides`` and check it exactly as ``submit`` does. No side effects.
+
+    The chain's layers (``layers.yaml``) are merged again with the new overrides on
+    top, so every ``${...}`` link follows a changed value; then the same checks as
+    a submission run (schema, plan, input files, the partition) for the stages that
+    will run. A change to a stage that is not rerun is refused: its outputs would
+    no longer match the recorded configuration.
+    """
     cs = status.collect([record], lambda conf: slurm)[0]
     start = choose_start(cs, from_stage)
     todo, cancel = prepare(cs, start)
     run_dir = Path(record.run_dir)
-
-    overrides = list(overrides)
-    finetunes = [n for n in todo if record.stage(n).kind == "finetune"]
-    if fresh:
-        overrides += [f"{n}.resume=never" for n in finetunes]
+    # --fresh is this attempt's business only: not kept for later reruns.
+    extra = [f"{n}.resume=never" for n in todo if record.stage(n).kind == "finetune"] if fresh else []
     recipe = catalog.Entry(record.recipe, Path(record.recipe_path), "", "file")
-    composed = config.compose_saved(run_dir / "config.yaml", recipe, overrides)
+    if (run_dir / config.LAYERS_FILE).is_file():
+        composed = config.compose_snapshot(run_dir / config.LAYERS_FILE, recipe, overrides, extra,
+                                           source="command line")
+    else:  # a chain submitted before layers.yaml existed
+        composed = config.compose_saved(run_dir / "config.yaml", recipe, overrides, extra)
     attempts = {st.name: st.current.n + (1 if st.name in todo else 0) for st in record.stages}
     the_plan = planning.build(composed, chain_id=record.chain_id, run_dir=run_dir, attempts=attempts)
+    preflight.check_inputs(the_plan, composed, only=set(todo))
+    preflight.check_cluster(the_plan, composed, slurm, only=set(todo))
     rendered = render.render(the_plan)
+
+    try:
+        old_text = (run_dir / "config.yaml").read_text()
+    except OSError:
+        old_text = ""
+    changes = config_changes(old_text, rendered.files["config.yaml"]) if old_text else []
+    stage_names = {st.name for st in record.stages}
+    for key, old, new in changes:
+        section = key.split(".")[0]
+        if section in stage_names and section not in todo and key.split(".")[-1] != "resume":
+            raise config.ConfigError(
+                f"would change from {old!r} to {new!r}, but stage {section} is not rerun "
+                f"(it completed with the old value)", key=key, source="command line",
+                hint=f"rerun --from {section} to run it again with the new value")
+    return RerunPlan(start, todo, cancel, changes, rendered, attempts, composed)
+
+
+def rerun(record: ChainRecord, *, from_stage: Optional[str], overrides: Sequence[str],
+          fresh: bool = False, slurm: Optional[Slurm] = None, dry_run: bool = False) -> RerunPlan:
+    slurm = slurm or Slurm(record.slurm_conf)
+    rp = plan_rerun(record, from_stage=from_stage, overrides=overrides, fresh=fresh, slurm=slurm)
+    if dry_run:
+        return rp
+    run_dir = Path(record.run_dir)
+    rendered, todo, attempts = rp.rendered, rp.stages, rp.attempts
     stages = [st for st in rendered.stages if st.name in todo]
 
     # Nothing below may fail half-way without a record: write files, then the record, then submit.
     if fresh:
-        for n in finetunes:
-            ckpt = Path(the_plan.stage(n).cfg.checkpoints)
+        for n in todo:
+            ckpt_dir = getattr(rendered.plan.stage(n).cfg, "checkpoints", None)
+            if record.stage(n).kind != "finetune" or not ckpt_dir:
+                continue
+            ckpt = Path(ckpt_dir)
             if ckpt.exists():
                 aside = ckpt.with_name(f"{ckpt.name}.before-attempt-{attempts[n]}")
                 ckpt.rename(aside)
@@ -111,16 +189,21 @@ def rerun(record: ChainRecord, *, from_stage: Optional[str], overrides: Sequence
         st.files["config.yaml"] = rendered.files["config.yaml"]
         for fname, text in st.files.items():
             render.write_file(st.attempt_dir / fname, text, executable=fname == render.SCRIPT)
+    # The new overrides become part of the chain's layers: a later rerun keeps them.
+    if overrides:
+        rp.composed.layers[-1].source = f"rerun {records.utcnow()} (command line)"
+    render.write_file(run_dir / config.LAYERS_FILE, config.snapshot(rp.composed))
     render.write_file(run_dir / "config.yaml", rendered.files["config.yaml"])
-    if cancel:
-        slurm.cancel(cancel)
-    note = f"rerun --from {start}" + (" --fresh" if fresh else "")
+    if rp.cancel:
+        slurm.cancel(rp.cancel)
+    note = f"rerun --from {rp.start}" + (" --fresh" if fresh else "")
     for name in todo:
-        record.stage(name).attempts.append(Attempt(attempts[name], overrides=overrides, note=note))
+        record.stage(name).attempts.append(Attempt(attempts[name], overrides=list(overrides), note=note))
     record.submission = "submitting"
     record.error = None
     record.save()
     ids = submit_stages(record, stages, slurm)
     record.submission = "submitted"
     record.save()
-    return ids
+    rp.job_ids = ids
+    return rp

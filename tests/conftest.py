@@ -102,3 +102,18 @@ def chain_state(cli, chain):
 def wait_chain(cli, chain, done=("COMPLETED", "FAILED", "CANCELLED", "SUBMIT_FAILED"), timeout=600):
     return wait_for(lambda: (s := chain_state(cli, chain))["state"] in done and s, timeout=timeout,
                     interval=1, what=f"chain {chain} to reach one of {done}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """In CI (``HPCJOBS_FAIL_ON_SKIP=1``, set by .ci/run) a skipped test is a failure:
+    a test that skips does not run, so what it checks would go unchecked."""
+    if not os.environ.get("HPCJOBS_FAIL_ON_SKIP"):
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    if skipped and session.exitstatus == 0:
+        reporter.write_line(f"HPCJOBS_FAIL_ON_SKIP: {len(skipped)} test(s) skipped; install what they need "
+                            "instead", red=True)
+        for rep in skipped:
+            reporter.write_line(f"  skipped: {rep.nodeid}")
+        session.exitstatus = 1

@@ -75,7 +75,7 @@ def test_failed_first_stage_blocks_the_rest_and_says_why(devcluster, hpcjobs):
     (["--nodes", "0"], "run.nodes: needs at least 1 node, got 0"),
     (["--profile", "nosuch"], "unknown profile 'nosuch'"),
     (["finetune.learning_rate=1e-4"], "command line: finetune.learning_rate: unknown key"),
-    (["finetune.max_steps=many"], "command line: finetune.max_steps: Value 'many'"),
+    (["finetune.max_steps=many"], "command line: finetune.max_steps: expects an integer, got 'many'"),
     (["--include", "node7:0"], "node7 not in partition debug"),
     (["--name", "bad;name$(x)"], "is not a valid name"),
     (["finetune.zero_stage=9"], "finetune.zero_stage: must be 0, 1, 2 or 3"),

@@ -62,7 +62,7 @@ def test_a800_two_nodes_world_size_16(hpcjobs_home):
     (["no-such-recipe", "--profile", "a800"], "unknown recipe 'no-such-recipe'; known recipes: llama2-lora"),
     (["llama2-lora", "--profile", "nope"], "unknown profile 'nope'; known profiles: a100, a800, local"),
     (["llama2-lora", *A800, "finetune.lrr=1"], "command line: finetune.lrr: unknown key"),
-    (["llama2-lora", *A800, "finetune.lr=fast"], "command line: finetune.lr: Value 'fast'"),
+    (["llama2-lora", *A800, "finetune.lr=fast"], "command line: finetune.lr: expects a number, got 'fast'"),
     (["llama2-lora", *A800, "--nodes", "0"], "command line: run.nodes: needs at least 1 node, got 0"),
     (["llama2-lora", *A800, "--name", "x; rm -rf ~"], "'x; rm -rf ~' is not a valid name"),
     (["llama2-lora", "--profile", "a800", "data.path=/d"], "model.source: a value is required"),
@@ -97,7 +97,7 @@ def test_errors_in_files_name_file_and_line(hpcjobs, tmp_path):
     assert f"{cfg}:3: finetune.micro_batch: unknown key" in proc.stderr
     cfg.write_text("finetune:\n  zero_stage: two\n")
     proc = hpcjobs("render", "llama2-lora", *A800, "--config", cfg, check=False)
-    assert f"{cfg}:2: finetune.zero_stage: Value 'two'" in proc.stderr
+    assert f"{cfg}:2: finetune.zero_stage: expects an integer, got 'two'" in proc.stderr
     cfg.write_text("finetune:\n  lr: [1\n")
     proc = hpcjobs("render", "llama2-lora", *A800, "--config", cfg, check=False)
     assert f"{cfg}:" in proc.stderr and "invalid YAML" in proc.stderr
