@@ -30,7 +30,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
-from . import catalog, paths, schema, yamlfile
+from . import catalog, paths, schema, stages, yamlfile
 from .errors import ConfigError
 
 def _hpcjobs_resolver(what: str) -> str:
@@ -231,8 +231,8 @@ def read_pipeline(data: Dict[str, Any], layer: Layer) -> Dict[str, str]:
         if name in schema.RESERVED:
             raise ConfigError(f"{name!r} is a reserved section name", key=f"pipeline.{name}",
                               source=src, line=line)
-        if not isinstance(entry, dict) or entry.get("kind") not in schema.STAGE_KINDS:
-            raise ConfigError(f"stage kind must be one of {', '.join(schema.STAGE_KINDS)}",
+        if not isinstance(entry, dict) or entry.get("kind") not in stages.names():
+            raise ConfigError(f"stage kind must be one of {', '.join(stages.names())}",
                               key=f"pipeline.{name}.kind", source=src, line=line)
         after = entry.get("after") or []
         if not isinstance(after, list) or not all(isinstance(a, str) for a in after):
@@ -361,11 +361,11 @@ def _type_message(msg: str) -> str:
     return msg
 
 
-def finetune_stage(kinds: Dict[str, str], option: str) -> str:
-    """The pipeline's finetune stage, which ``--hostfile``/``--include``/``--exclude`` apply to."""
-    names = [n for n, k in kinds.items() if k == "finetune"]
+def launch_stage(kinds: Dict[str, str], option: str) -> str:
+    """The pipeline's one stage that launches ranks; ``--hostfile``/``--include``/``--exclude`` apply to it."""
+    names = [n for n, k in kinds.items() if stages.get(k).launch_options]
     if len(names) != 1:
-        raise ConfigError(f"{option} applies to the recipe's finetune stage, and this recipe has "
+        raise ConfigError(f"{option} applies to the recipe's multi-node training stage, and this recipe has "
                           f"{'none' if not names else 'several: ' + ', '.join(names)}",
                           hint="set <stage>.hostfile / .include / .exclude as KEY=VALUE instead")
     return names[0]
@@ -387,7 +387,7 @@ def compose(recipe_ref: str, profile_ref: str, *, config_files: Sequence[str] = 
     cli = dict(cli or {})
     for option, value in (launch or {}).items():
         if value is not None:
-            cli[f"{finetune_stage(kinds, '--' + option)}.{option}"] = value
+            cli[f"{launch_stage(kinds, '--' + option)}.{option}"] = value
 
     layers: List[Layer] = []
     for entry in catalog.find_profile(profile_ref):

@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import progress as progress_mod
+from . import stages
 from .errors import HpcjobsError
 from .records import ChainRecord
 from .slurm import LIVE_STATES
@@ -89,7 +90,8 @@ def _why(s: StageStatus) -> str:
 
 
 def stage_progress(cs: ChainStatus, s: StageStatus) -> Optional[progress_mod.Progress]:
-    if s.kind != "finetune":
+    kind = stages.find(s.kind)
+    if kind is None or not kind.writes_progress:
         return None
     return progress_mod.read(cs.record.attempt_dir(s.name, s.attempt) / "progress.jsonl")
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from . import config, constraints, dsconfig, hostspec, schema
+from . import config, constraints, schema, stages
 from .config import Composed
 from .errors import ConfigError
 
@@ -59,10 +59,12 @@ class StagePlan:
     attempt: int
     attempt_dir: Path
     sbatch: Dict[str, Optional[str]] = field(default_factory=dict)
-    world_size: Optional[int] = None            # finetune: ranks in total
-    pool: Optional[Dict[str, int]] = None       # finetune: a user hostfile's hosts -> slots
-    ds_config: Optional[Dict[str, Any]] = None  # finetune: the DeepSpeed config to write
-    ds_filter: Optional[tuple] = None           # finetune: ("include"|"exclude", spec) DeepSpeed applies
+    # Set by kinds that launch ranks (hpcjobs.placement and the kind's plan()):
+    world_size: Optional[int] = None            # ranks in total
+    pool: Optional[Dict[str, int]] = None       # a user hostfile's hosts -> slots
+    ds_config: Optional[Dict[str, Any]] = None  # the DeepSpeed config to write
+    ds_filter: Optional[tuple] = None           # ("include"|"exclude", spec) DeepSpeed applies
+    extra: Dict[str, Any] = field(default_factory=dict)   # anything else a kind settles for its files
 
 
 @dataclass
@@ -91,16 +93,6 @@ def new_chain_id(name: str, now: _dt.datetime) -> str:
 
 def stage_dir(run_dir: Path, stage: str, attempt: int) -> Path:
     return run_dir / "stages" / stage / f"attempt-{attempt}"
-
-
-# Path-valued settings per stage kind, made absolute (jobs run elsewhere; the
-# submit directory means nothing on a compute node).
-_PATH_KEYS = {
-    "convert": ("input", "output"),
-    "finetune": ("model", "output", "checkpoints", "hostfile", "deepspeed_config"),
-    "merge": ("base", "adapter", "output"),
-    "evaluate": ("base", "merged", "prompts", "output"),
-}
 
 
 def _abs(p: Optional[str]) -> Optional[str]:
@@ -134,19 +126,20 @@ def build(composed: Composed, *, chain_id: Optional[str] = None, run_dir: Option
     if hasattr(chain, "data"):
         chain.data.path = _abs(chain.data.path)
 
-    stages: List[StagePlan] = []
+    planned: List[StagePlan] = []
     pipeline = chain.pipeline
     for index, (sname, entry) in enumerate(pipeline.items(), start=1):
         section = getattr(chain, sname)
-        for key in _PATH_KEYS.get(entry.kind, ()):
+        # Paths made absolute here: jobs run elsewhere, where the submit directory means nothing.
+        for key in stages.get(entry.kind).path_keys:
             setattr(section, key, _abs(getattr(section, key)))
         attempt = (attempts or {}).get(sname, 1)
         sp = _plan_stage(composed, chain, sname, entry.kind, index, list(entry.after), section,
                          attempt, Path(run_dir))
-        stages.append(sp)
+        planned.append(sp)
     return ChainPlan(chain_id, Path(run_dir).absolute(), now.strftime("%Y-%m-%dT%H:%M:%SZ"),
                      str(chain.recipe.name), composed.recipe.path, composed.profile,
-                     composed.overrides, chain, stages, config.snapshot(composed))
+                     composed.overrides, chain, planned, config.snapshot(composed))
 
 
 def _check_profile(composed: Composed, p: schema.ProfileCfg) -> None:
@@ -162,7 +155,7 @@ def _check_profile(composed: Composed, p: schema.ProfileCfg) -> None:
             raise composed.error(f"profile.env.{k}", "not a valid environment variable name")
 
 
-def _plan_stage(composed: Composed, chain: Any, name: str, kind: str, index: int, after: List[str],
+def _plan_stage(composed: Composed, chain: Any, name: str, kind_name: str, index: int, after: List[str],
                 s: Any, attempt: int, run_dir: Path) -> StagePlan:
     p: schema.ProfileCfg = chain.profile
     if s.gpus_per_node is not None and s.gpus_per_node > p.gpus_per_node:
@@ -176,15 +169,10 @@ def _plan_stage(composed: Composed, chain: Any, name: str, kind: str, index: int
         raise composed.error(f"{name}.time" if s.time else "profile.time_limit",
                              f"{time!r} is not a Slurm time (MM, HH:MM:SS or D-HH:MM:SS)") from None
 
-    multi = kind == "finetune"
+    kind = stages.get(kind_name)
+    multi = kind.multi_node
     nodes = s.nodes or (chain.run.nodes if multi else 1)
-    if kind == "finetune":
-        default_gpus = p.train_gpus_per_node or p.gpus_per_node
-    elif kind in ("merge", "evaluate"):
-        default_gpus = min(1, p.gpus_per_node)
-    else:
-        default_gpus = 0
-    gpus = s.gpus_per_node if s.gpus_per_node is not None else default_gpus
+    gpus = s.gpus_per_node if s.gpus_per_node is not None else kind.default_gpus(p)
     if multi:
         cpus = s.cpus_per_task or p.cpus_per_node
         mem = s.mem or p.mem_per_node
@@ -193,14 +181,9 @@ def _plan_stage(composed: Composed, chain: Any, name: str, kind: str, index: int
         cpus = s.cpus_per_task or max(1, min(p.cpus_per_node, share * max(gpus, 1)))
         mem = s.mem
     adir = stage_dir(run_dir, name, attempt)
-    sp = StagePlan(name, kind, index, after, s, nodes, gpus, cpus, mem, time, attempt, adir)
-
-    nodelist: List[str] = []
-    exclude_nodes: List[str] = []
-    if kind == "finetune":
-        nodelist, exclude_nodes = _plan_finetune(composed, chain, sp)
-    if kind == "command" and not str(s.command).strip():
-        raise composed.error(f"{name}.command", "is empty")
+    sp = StagePlan(name, kind_name, index, after, s, nodes, gpus, cpus, mem, time, attempt, adir)
+    ctx = stages.PlanContext(composed, chain, sp, seconds)
+    nodelist, exclude_nodes = kind.plan(ctx)
 
     sb: Dict[str, Optional[str]] = {
         "job-name": f"{chain.run.id}.{name}",
@@ -220,13 +203,7 @@ def _plan_stage(composed: Composed, chain: Any, name: str, kind: str, index: int
         "output": str(adir).replace("%", "%%") + "/slurm-%j.out",  # a filename pattern: %% is a literal %
         "open-mode": "append",
     }
-    if kind == "finetune":
-        grace = p.signal_grace
-        if seconds is not None and grace >= seconds:
-            raise composed.error("profile.signal_grace",
-                                 f"{grace}s is not shorter than the stage's time limit {time}")
-        sb["signal"] = f"B:USR2@{grace}"
-        sb["requeue"] = ""
+    sb.update(kind.sbatch(ctx))
     for extra in (p.sbatch, s.sbatch):
         for k, v in extra.items():
             if not re.match(r"^[a-z][a-z-]*$", str(k)):
@@ -234,130 +211,3 @@ def _plan_stage(composed: Composed, chain: Any, name: str, kind: str, index: int
             sb[str(k)] = None if v is None else str(v)
     sp.sbatch = sb
     return sp
-
-
-def _plan_finetune(composed: Composed, chain: Any, sp: StagePlan) -> tuple:
-    """Resolve who runs where: the allocation, a hostfile, or --include/--exclude specs."""
-    s: schema.FinetuneStage = sp.cfg
-    p: schema.ProfileCfg = chain.profile
-    name = sp.name
-    # Sets and ranges of single keys (zero_stage, lr, ...) are constraints.check's; here what
-    # depends on several keys.
-    precision_from = f"{name}.precision"
-    if s.precision == "auto":
-        s.precision = p.precision
-        precision_from = f"{name}.precision (auto: profile.precision of profile {p.name})"
-    if p.accelerator == "cpu" and s.precision == "fp16":
-        raise composed.error(f"{name}.precision", "fp16 needs a GPU; use fp32 or bf16 on profile "
-                             f"{p.name} (accelerator cpu)")
-    if not s.lora.target_modules:
-        raise composed.error(f"{name}.lora.target_modules", "needs at least one module name")
-    if s.scheduler in schema.SCHEDULERS_NEEDING_EVAL and not s.eval_steps:
-        raise composed.error(f"{name}.scheduler", f"{s.scheduler} steps on the evaluation loss, and the "
-                             "Trainer refuses it without evaluation",
-                             hint=f"set {name}.eval_steps, or use another scheduler")
-
-    if s.offload_param == "cpu" and s.zero_stage != 3:
-        raise composed.error(f"{name}.offload_param", f"parameter offload needs zero_stage 3 "
-                             f"(zero_stage is {s.zero_stage})")
-    if s.offload_optimizer == "cpu" and s.zero_stage == 0:
-        raise composed.error(f"{name}.offload_optimizer", "optimizer offload needs zero_stage 1, 2 or 3")
-
-    nodelist, exclude_nodes = _place_ranks(composed, chain, sp)
-    world = sp.world_size
-
-    if s.deepspeed_config:
-        try:
-            ds = dsconfig.load_user_ds_config(s.deepspeed_config)
-            dsconfig.check_batch_numbers(ds, micro_batch_per_gpu=s.micro_batch_size,
-                                         gradient_accumulation_steps=s.grad_accum, world_size=world,
-                                         source=s.deepspeed_config)
-            dsconfig.check_against_job(ds, precision=s.precision, precision_from=precision_from,
-                                       max_grad_norm=s.max_grad_norm, max_grad_norm_from=f"{name}.max_grad_norm",
-                                       source=s.deepspeed_config)
-        except ConfigError as e:
-            raise composed.error(f"{name}.deepspeed_config", str(e)) from None
-    else:
-        try:
-            ds = dsconfig.build_ds_config(
-                zero_stage=s.zero_stage, micro_batch_per_gpu=s.micro_batch_size,
-                gradient_accumulation_steps=s.grad_accum, world_size=world, precision=s.precision,
-                gradient_clipping=s.max_grad_norm or None, offload_optimizer=s.offload_optimizer,
-                offload_param=s.offload_param)
-        except ConfigError as e:  # the checks above should make this unreachable
-            raise composed.error(f"{name}.zero_stage", e.message) from None
-    sp.ds_config = ds
-    return nodelist, exclude_nodes
-
-
-def _place_ranks(composed: Composed, chain: Any, sp: StagePlan) -> tuple:
-    """Who runs where: the allocation, a hostfile, or an --include/--exclude spec.
-
-    Sets ``sp.nodes``, ``sp.gpus_per_node``, ``sp.world_size``, ``sp.pool`` and
-    ``sp.ds_filter``; returns Slurm's ``--nodelist`` and ``--exclude`` hosts. The
-    world size is computed exactly as DeepSpeed will inside the job (same pool,
-    same filter), so the DeepSpeed config's batch numbers always agree.
-    """
-    s: schema.FinetuneStage = sp.cfg
-    p: schema.ProfileCfg = chain.profile
-    name = sp.name
-    spec_key = f"{name}.include" if s.include else f"{name}.exclude"
-    nodes_key = f"{name}.nodes" if s.nodes is not None else "run.nodes"
-    nodes_explicit = s.nodes is not None or "run.nodes" in composed.origin
-    if s.include and s.exclude:
-        raise composed.error(f"{name}.include", "include and exclude cannot be used together "
-                             "(DeepSpeed takes one filter); pick one")
-    nodelist: List[str] = []
-    exclude_nodes: List[str] = []
-    try:
-        if s.hostfile:
-            pool = hostspec.read_hostfile(s.hostfile)
-            active = hostspec.filter_resources(pool, s.include, s.exclude)
-            nodelist = list(active)
-            sp.pool = {h: pool[h] for h in active}
-            sp.gpus_per_node = max(sp.pool.values())
-            sp.ds_filter = ("include", s.include) if s.include else ("exclude", s.exclude) if s.exclude else None
-        elif s.include:
-            req = hostspec.slurm_request_from_spec(s.include, "", sp.gpus_per_node,
-                                                   max_gpus_per_node=p.gpus_per_node)
-            nodelist = list(req.nodelist or [])
-            sp.gpus_per_node = req.gpus_per_node
-            active = hostspec.filter_resources({h: req.gpus_per_node for h in nodelist}, s.include, "")
-            sp.ds_filter = ("include", s.include)
-        elif s.exclude:
-            req = hostspec.slurm_request_from_spec("", s.exclude, sp.gpus_per_node)
-            exclude_nodes = list(req.exclude_nodes)
-            # Hosts losing only some GPUs must be in the allocation for the exclude to mean
-            # anything: ask Slurm for them by name; DeepSpeed sees only that part of the spec.
-            partial = {h: slots for h, slots in hostspec.parse_spec(s.exclude, source="--exclude").items()
-                       if slots is not None and h not in exclude_nodes}
-            nodelist = list(partial)
-            if len(nodelist) > sp.nodes:
-                raise composed.error(spec_key, f"removes GPUs from {len(nodelist)} hosts but the stage "
-                                     f"runs on {sp.nodes} node(s)")
-            ds_exclude = hostspec.format_spec(partial)
-            sp.ds_filter = ("exclude", ds_exclude) if ds_exclude else None
-            pool = {h: sp.gpus_per_node for h in nodelist}
-            pool.update({f"(any node {i})": sp.gpus_per_node for i in range(sp.nodes - len(nodelist))})
-            active = hostspec.filter_resources(pool, "", ds_exclude) if ds_exclude else \
-                {h: list(range(n)) for h, n in pool.items()}
-        else:
-            sp.ds_filter = None
-            active = {f"node{i}": list(range(sp.gpus_per_node)) for i in range(sp.nodes)}
-    except ConfigError as e:
-        key = f"{name}.hostfile" if s.hostfile and not (s.include or s.exclude) else spec_key
-        raise composed.error(key, e.message) from None
-    if sp.pool:
-        for host, slots in sp.pool.items():
-            if slots > p.gpus_per_node:
-                raise composed.error(f"{name}.hostfile", f"{host} has slots={slots} but profile "
-                                     f"{p.name} nodes have {p.gpus_per_node} GPUs")
-    if s.hostfile or s.include:
-        if nodes_explicit and sp.nodes != len(nodelist):
-            raise composed.error(nodes_key, f"is {sp.nodes} but the {'hostfile' if s.hostfile else 'include spec'} "
-                                 f"selects {len(nodelist)} host(s): {', '.join(nodelist)}")
-        sp.nodes = len(nodelist)
-    if sp.gpus_per_node < 1:
-        raise composed.error(f"{name}.gpus_per_node", "a finetune stage needs at least 1 GPU (rank) per node")
-    sp.world_size = hostspec.world_size(active)
-    return nodelist, exclude_nodes

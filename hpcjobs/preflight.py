@@ -11,11 +11,12 @@ import os
 from pathlib import Path
 from typing import Optional, Set
 
+from . import stages
 from .config import Composed
 from .errors import ConfigError, HpcjobsError
 from .plan import ChainPlan
 from .slurm import Slurm, gres_gpus
-from .userfiles import read_text
+from .stages.base import relative_outputs
 
 # Kernel filesystems: nothing a chain writes can live there.
 _PSEUDO_FS = ("/proc", "/sys", "/dev")
@@ -23,23 +24,7 @@ _PSEUDO_FS = ("/proc", "/sys", "/dev")
 
 def _produced_paths(plan: ChainPlan) -> Set[str]:
     """Outputs of the chain's own stages: inputs that will exist once upstream stages ran."""
-    out = set()
-    for sp in plan.stages:
-        for key in ("output", "checkpoints"):
-            value = getattr(sp.cfg, key, None)
-            if value:
-                out.add(str(value))
-    return out
-
-
-def _meta_or_hf(path: Path) -> str:
-    if (path / "config.json").is_file():
-        return "hf"
-    if (path / "params.json").is_file() and any(path.glob("consolidated.*.pth")):
-        if not (path / "tokenizer.model").is_file():
-            return "meta-no-tokenizer"
-        return "meta"
-    return ""
+    return relative_outputs([(stages.get(sp.kind), sp.cfg) for sp in plan.stages])
 
 
 def run_dir_problem(run_dir: Path) -> Optional[str]:
@@ -116,37 +101,14 @@ def check_inputs(plan: ChainPlan, composed: Composed, only: Optional[Set[str]] =
         s, name = sp.cfg, sp.name
         if only is not None and name not in only:
             continue
-        if sp.kind == "convert":
-            src = Path(s.input)
-            if not src.is_dir():
-                raise composed.error(f"{name}.input", f"{src} is not a directory")
-            kind = _meta_or_hf(src)
-            if kind == "meta-no-tokenizer":
-                raise composed.error(f"{name}.input", f"{src} has a Meta checkpoint but no tokenizer.model "
-                                     "(Meta ships it beside the llama-2-* folders: copy it in)")
-            if not kind:
-                raise composed.error(f"{name}.input", f"{src} is neither a Meta checkpoint "
-                                     "(params.json, consolidated.*.pth, tokenizer.model) nor a Hugging Face "
-                                     "model (config.json)")
-        for key in ("model", "base", "adapter", "merged"):
-            value = getattr(s, key, None) if sp.kind != "command" else None
+        kind = stages.get(sp.kind)
+        for key in kind.input_dirs:
+            value = getattr(s, key, None)
             if value and value not in produced and not Path(value).is_dir():
                 raise composed.error(f"{name}.{key}", f"{value} does not exist and no earlier stage "
                                      "produces it")
-        if sp.kind == "evaluate" and s.prompts:
-            try:
-                text = read_text(s.prompts, "prompts file")
-            except ConfigError as e:
-                raise composed.error(f"{name}.prompts", e.message) from None
-            if not text.strip():
-                raise composed.error(f"{name}.prompts", f"{s.prompts}: prompts file has no prompts "
-                                     "(one per line, blank lines are ignored)")
-        if sp.kind == "finetune":
-            for key in ("hostfile", "deepspeed_config"):
-                value = getattr(s, key)
-                if value and not Path(value).is_file():
-                    raise composed.error(f"{name}.{key}", f"{value} does not exist")
-    data_users = [sp for sp in plan.stages if sp.kind in ("finetune", "evaluate")
+        kind.preflight(plan, sp, composed, produced)
+    data_users = [sp for sp in plan.stages if "data" in stages.get(sp.kind).sections
                   and (only is None or sp.name in only)]
     if hasattr(chain, "data") and data_users:
         _check_data(chain.data, composed)
@@ -187,7 +149,7 @@ def check_cluster(plan: ChainPlan, composed: Composed, slurm: Slurm, only: Optio
     for sp in plan.stages:
         if only is not None and sp.name not in only:
             continue
-        key = "run.nodes" if sp.kind == "finetune" and sp.cfg.nodes is None else f"{sp.name}.nodes"
+        key = "run.nodes" if stages.get(sp.kind).multi_node and sp.cfg.nodes is None else f"{sp.name}.nodes"
         if sp.nodes > len(nodes):
             raise composed.error(key, f"stage {sp.name} asks for {sp.nodes} nodes but {where} has "
                                  f"{len(nodes)} ({', '.join(sorted(nodes))})")

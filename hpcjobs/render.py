@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 import jinja2
 from omegaconf import OmegaConf
 
-from . import __version__, config, paths
+from . import __version__, config, paths, stages
 from .errors import ConfigError, HpcjobsError
 from .plan import ChainPlan, StagePlan
 
@@ -107,75 +107,10 @@ class RenderedChain:
     files: Dict[str, str]  # run-dir-level files: config.yaml, submit.sh
 
 
-def _json(data: Any) -> str:
-    return json.dumps(data, indent=2, sort_keys=False) + "\n"
-
-
-def _plain(obj: Any) -> Any:
-    return asdict(obj) if is_dataclass(obj) else obj
-
-
-def _stage_files(plan: ChainPlan, sp: StagePlan) -> Dict[str, str]:
-    """Config files a stage's job reads, written beside its script."""
-    chain, s, adir = plan.chain, sp.cfg, sp.attempt_dir
-    files: Dict[str, str] = {}
-    if sp.kind == "finetune":
-        files["ds_config.json"] = _json(sp.ds_config)
-        files["train.json"] = _json({
-            "model_path": s.model,
-            "output_dir": s.output,
-            "checkpoint_dir": s.checkpoints,
-            "progress_file": str(adir / "progress.jsonl"),
-            "preempt_file": str(adir / "preempt"),
-            "deepspeed_config": str(adir / "ds_config.json"),
-            "resume": s.resume,
-            "device": chain.profile.accelerator,
-            "world_size": sp.world_size,
-            "data": _plain(chain.data),
-            "lora": _plain(s.lora),
-            "train": {
-                "micro_batch_size": s.micro_batch_size,
-                "gradient_accumulation_steps": s.grad_accum,
-                "learning_rate": s.lr,
-                "max_steps": s.max_steps,
-                "num_train_epochs": s.epochs,
-                "warmup_steps": s.warmup_steps,
-                "lr_scheduler_type": s.scheduler,
-                "max_seq_length": s.max_seq_length,
-                "gradient_checkpointing": s.gradient_checkpointing,
-                "precision": s.precision,
-                "max_grad_norm": s.max_grad_norm,
-                "logging_steps": s.logging_steps,
-                "save_steps": s.save_steps,
-                "save_total_limit": s.save_total_limit,
-                "eval_steps": s.eval_steps,
-                "seed": s.seed,
-                "optim": s.optim,
-            },
-        })
-        if sp.pool is not None:
-            files["hostfile.requested"] = "".join(f"{h} slots={n}\n" for h, n in sp.pool.items())
-    elif sp.kind == "evaluate":
-        # The same shape as a finetune's train.json, so the held-out split is built the same way.
-        files["eval.json"] = _json({
-            "model_path": s.base,
-            "output_dir": s.output,
-            "device": chain.profile.accelerator,
-            "data": _plain(chain.data),
-            "train": {"max_seq_length": s.max_seq_length},
-        })
-    return files
-
-
-def _dtype(value: str, precision: str) -> str:
-    if value != "auto":
-        return value
-    return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
-
-
 def render_stage(plan: ChainPlan, sp: StagePlan, env: Optional[jinja2.Environment] = None) -> RenderedStage:
     env = env or environment()
-    files = _stage_files(plan, sp)
+    kind = stages.get(sp.kind)
+    files = kind.files(plan, sp)
     chain = plan.chain
     header = [
         f"hpcjobs {__version__}: chain {plan.chain_id}, stage {sp.index}/{len(plan.stages)} "
@@ -189,19 +124,16 @@ def render_stage(plan: ChainPlan, sp: StagePlan, env: Optional[jinja2.Environmen
     ]
     directives = [sbatch_directive(k, v) for k, v in sp.sbatch.items() if v is not None]
     try:
-        template = env.get_template(f"{sp.kind}.sbatch.j2")
+        template = env.get_template(kind.template)
     except jinja2.TemplateNotFound as e:
         raise HpcjobsError(f"no template {e.name} for stage kind {sp.kind!r}") from None
-    precision = getattr(sp.cfg, "precision", chain.profile.precision)
     try:
         text = template.render(
             plan=plan, stage=sp, s=sp.cfg, profile=chain.profile, run=chain.run,
-            header=header, directives=directives, files=files,
-            dtype=_dtype(getattr(sp.cfg, "dtype", "auto"), precision if precision != "auto"
-                         else chain.profile.precision),
+            header=header, directives=directives, files=files, **kind.template_vars(plan, sp),
         )
     except jinja2.UndefinedError as e:
-        raise HpcjobsError(f"template {sp.kind}.sbatch.j2: {e.message}") from None
+        raise HpcjobsError(f"template {kind.template}: {e.message}") from None
     files = {SCRIPT: text, **files}
     return RenderedStage(sp.name, sp.kind, sp.after, sp.attempt, sp.attempt_dir, files)
 

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from . import catalog, config, preflight, plan as planning, records, render, status
+from . import stages as stage_kinds
 from .errors import HpcjobsError
 from .records import Attempt, ChainRecord
 from .slurm import DONE_STATES, LIVE_STATES, Slurm
@@ -119,6 +120,15 @@ def config_changes(old_yaml: str, new_yaml: str) -> List[Tuple[str, Any, Any]]:
     return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
+def _fresh(record: ChainRecord, name: str, cfg: Any) -> Tuple[List[str], List[str]]:
+    """``--fresh`` for one stage: its kind's overrides, and (given its settings) what to move aside."""
+    kind = stage_kinds.find(record.stage(name).kind)
+    if kind is None or not kind.can_resume:
+        return [], []
+    overrides, paths = kind.fresh(name, cfg)
+    return overrides, paths if cfg is not None else []
+
+
 def plan_rerun(record: ChainRecord, *, from_stage: Optional[str], overrides: Sequence[str],
                fresh: bool = False, slurm: Slurm) -> RerunPlan:
     """Re-plan the chain with ``overrides`` and check it exactly as ``submit`` does. No side effects.
@@ -134,7 +144,7 @@ def plan_rerun(record: ChainRecord, *, from_stage: Optional[str], overrides: Seq
     todo, cancel = prepare(cs, start)
     run_dir = Path(record.run_dir)
     # --fresh is this attempt's business only: not kept for later reruns.
-    extra = [f"{n}.resume=never" for n in todo if record.stage(n).kind == "finetune"] if fresh else []
+    extra = [o for n in todo for o in _fresh(record, n, None)[0]] if fresh else []
     recipe = catalog.Entry(record.recipe, Path(record.recipe_path), "", "file")
     if (run_dir / config.LAYERS_FILE).is_file():
         composed = config.compose_snapshot(run_dir / config.LAYERS_FILE, recipe, overrides, extra,
@@ -176,11 +186,10 @@ def rerun(record: ChainRecord, *, from_stage: Optional[str], overrides: Sequence
     # Nothing below may fail half-way without a record: write files, then the record, then submit.
     if fresh:
         for n in todo:
-            ckpt_dir = getattr(rendered.plan.stage(n).cfg, "checkpoints", None)
-            if record.stage(n).kind != "finetune" or not ckpt_dir:
-                continue
-            ckpt = Path(ckpt_dir)
-            if ckpt.exists():
+            for ckpt_dir in _fresh(record, n, rendered.plan.stage(n).cfg)[1]:
+                ckpt = Path(ckpt_dir)
+                if not ckpt.exists():
+                    continue
                 aside = ckpt.with_name(f"{ckpt.name}.before-attempt-{attempts[n]}")
                 ckpt.rename(aside)
                 print(f"--fresh: moved {ckpt} aside to {aside}")

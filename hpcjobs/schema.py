@@ -34,7 +34,6 @@ from .constraints import choice, number, slurm_mem, text_template
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 ACCELERATORS = ("cuda", "cpu")
-STAGE_KINDS = ("command", "convert", "finetune", "merge", "evaluate")
 
 # Weight dtypes: hpcjobs/train/convert.py DTYPES (auto keeps the checkpoint's) and
 # merge.py DTYPES; for merge, render.py turns auto into the profile's precision.
@@ -94,7 +93,7 @@ class RecipeInfo:
 @dataclass
 class PipelineEntry:
     kind: str = MISSING
-    """One of STAGE_KINDS: decides the stage's template and its settings."""
+    """A registered stage kind (`hpcjobs kinds` lists them): decides the template and the settings."""
     after: List[str] = field(default_factory=list)
     """Stages that must complete first (Slurm ``--dependency=afterok``)."""
 
@@ -198,112 +197,18 @@ class StageCfg:
     """Extra ``#SBATCH`` options for this stage only."""
 
 
-@dataclass
-class CommandStage(StageCfg):
-    command: str = MISSING
-    """Shell commands run as the stage body (your own shell code, used as written)."""
-
-
-@dataclass
-class ConvertStage(StageCfg):
-    input: str = "${model.source}"
-    """Meta checkpoint or Hugging Face directory; a Hugging Face one passes through."""
-    output: str = "${run.dir}/hf-model"
-    llama_version: int = choice(*LLAMA_VERSIONS, default=2)
-    dtype: str = choice(*DTYPES, default="auto")
-    """float32, float16, bfloat16 or auto (from profile.precision)."""
-
-
-@dataclass
-class LoraCfg:
-    r: int = number(8, ge=1)
-    alpha: int = number(8, ge=1)
-    dropout: float = number(0.05, ge=0, lt=1)
-    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    bias: str = choice(*LORA_BIAS, default="none")
-
-
-@dataclass
-class FinetuneStage(StageCfg):
-    model: str = MISSING
-    """Hugging Face model directory to finetune (recipes wire it to the convert output)."""
-    output: str = "${run.dir}/adapter"
-    checkpoints: str = "${run.dir}/checkpoints"
-    lora: LoraCfg = field(default_factory=LoraCfg)
-    micro_batch_size: int = number(16, ge=1, le=65536)
-    """Per-GPU micro batch (train_micro_batch_size_per_gpu)."""
-    grad_accum: int = number(1, ge=1)
-    lr: float = number(1e-3, gt=0)
-    max_steps: int = number(200, ge=1, also=(-1,), message="must be a positive step count or -1 (use epochs)")
-    """-1: train for ``epochs`` instead."""
-    epochs: float = number(1.0, gt=0)
-    warmup_steps: int = number(100, ge=0)
-    scheduler: str = choice(*SCHEDULERS, default="cosine", unsupported=SCHEDULERS_UNSUPPORTED)
-    """The Trainer's ``lr_scheduler_type``; reduce_lr_on_plateau and greedy need ``eval_steps``."""
-    max_seq_length: int = number(512, ge=1)
-    gradient_checkpointing: bool = True
-    precision: str = choice("auto", *PRECISIONS, default="auto")
-    """bf16, fp16, fp32 or auto (from profile.precision)."""
-    max_grad_norm: float = number(0.3, ge=0)
-    optim: str = choice(*OPTIMIZER_NAMES, default="adamw_torch")
-    logging_steps: int = number(10, ge=1)
-    save_steps: int = number(100, ge=1)
-    save_total_limit: int = number(2, ge=0)
-    """Checkpoints kept (older ones are deleted); 0 keeps all."""
-    eval_steps: Optional[int] = number(None, ge=1)
-    """Evaluate on the eval split every N steps; None: no evaluation."""
-    seed: int = number(42, ge=0, le=SEED_MAX)
-    zero_stage: int = choice(*ZERO_STAGES, default=2)
-    offload_optimizer: str = choice(*OFFLOAD_DEVICES, default="none")
-    """none or cpu: optimizer states in host memory (ZeRO-Offload); the Trainer's torch AdamW steps them."""
-    offload_param: str = choice(*OFFLOAD_DEVICES, default="none")
-    """none or cpu; ZeRO stage 3 only."""
-    deepspeed_config: Optional[str] = None
-    """Your own DeepSpeed JSON instead of the generated one; its batch numbers are checked."""
-    hostfile: Optional[str] = None
-    """DeepSpeed hostfile (``host slots=N``): the job asks Slurm for exactly these hosts."""
-    include: str = ""
-    """DeepSpeed ``--include`` spec, e.g. ``node1:0,1@node2:0``."""
-    exclude: str = ""
-    """DeepSpeed ``--exclude`` spec."""
-    resume: str = choice(*RESUME, default="auto")
-    """auto: continue from the latest checkpoint if there is one; never: start fresh."""
-
-
-@dataclass
-class MergeStage(StageCfg):
-    base: str = MISSING
-    adapter: str = MISSING
-    output: str = "${run.dir}/merged"
-    dtype: str = choice(*DTYPES, default="auto")
-
-
-@dataclass
-class EvaluateStage(StageCfg):
-    base: str = MISSING
-    merged: str = MISSING
-    prompts: Optional[str] = None
-    """Prompts file, one prompt per line; None: the first test-split rows without the answer column."""
-    max_new_tokens: int = number(150, ge=1)
-    max_seq_length: int = number(512, ge=1)
-    """Length the held-out texts are cut to for the loss (as in training)."""
-    output: str = "${run.dir}/eval"
-
-
-STAGE_SCHEMAS: Dict[str, type] = {
-    "command": CommandStage,
-    "convert": ConvertStage,
-    "finetune": FinetuneStage,
-    "merge": MergeStage,
-    "evaluate": EvaluateStage,
-}
-
 # Top-level sections that are not stages; a stage may not take one of these names.
 RESERVED = ("recipe", "pipeline", "run", "profile", "model", "data")
 
 
 def top_level_schema(stage_kinds: Dict[str, str]) -> Dict[str, Any]:
-    """The structured nodes for a pipeline whose stages have the given kinds."""
+    """The structured nodes for a pipeline whose stages have the given kinds.
+
+    Each stage's section is typed by its kind's settings (:mod:`hpcjobs.stages`);
+    ``model`` and ``data`` are there when a kind of the pipeline refers to them.
+    """
+    from . import stages  # the kinds import this module for StageCfg
+
     tree: Dict[str, Any] = {
         "recipe": RecipeInfo,
         "pipeline": Dict[str, PipelineEntry],
@@ -312,11 +217,10 @@ def top_level_schema(stage_kinds: Dict[str, str]) -> Dict[str, Any]:
         "model": ModelCfg,
         "data": DataCfg,
     }
-    kinds = set(stage_kinds.values())
-    if not kinds & {"convert"}:
-        del tree["model"]
-    if not kinds & {"finetune", "evaluate"}:
-        del tree["data"]
+    wanted = {sec for kind in stage_kinds.values() for sec in stages.get(kind).sections}
+    for section in ("model", "data"):
+        if section not in wanted:
+            del tree[section]
     for name, kind in stage_kinds.items():
-        tree[name] = STAGE_SCHEMAS[kind]
+        tree[name] = stages.get(kind).settings
     return tree

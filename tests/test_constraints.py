@@ -88,7 +88,8 @@ def test_the_walk_finds_the_keys_of_the_issue():
 
 def test_every_number_in_the_schema_has_a_range():
     """Any int or float key (or list of floats) of any section carries a constraint."""
-    classes = [schema.RunCfg, schema.ProfileCfg, schema.DataCfg, *schema.STAGE_SCHEMAS.values()]
+    from hpcjobs import stages
+    classes = [schema.RunCfg, schema.ProfileCfg, schema.DataCfg, *(stages.get(k).settings for k in stages.names())]
     unconstrained = []
     for cls in classes:
         for key, _f, tp, c in constraints.declared(cls, f"{cls.__name__}."):

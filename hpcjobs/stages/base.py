@@ -1,0 +1,139 @@
+"""What a stage kind declares: the one interface between the core and a kind.
+
+The core (config, plan, render, preflight, rerun, status, display) asks a kind
+through this interface and never names one. A kind is one module in
+:mod:`hpcjobs.stages` holding, in one place: its settings (a dataclass extending
+:class:`hpcjobs.schema.StageCfg`), how it plans resources and which checks it
+makes on the login node, the files it renders beside its script, its template
+(``templates/<kind>.sbatch.j2``), its job-side entry point, whether it can
+resume, and whether it writes progress.
+
+Everything here runs on the login node: no torch, no transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tuple
+
+if TYPE_CHECKING:  # pragma: no cover - imports for type names only (no cycle at run time)
+    from ..config import Composed
+    from ..plan import ChainPlan, StagePlan
+
+
+@dataclass
+class PlanContext:
+    """What a kind's :meth:`StageKind.plan` sees: the whole chain, and its own stage's plan."""
+
+    composed: "Composed"
+    chain: Any          # the resolved, typed configuration
+    sp: "StagePlan"     # this stage's plan; ``sp.cfg`` is its resolved settings
+    seconds: Optional[int]   # the stage's time limit in seconds (None: unlimited)
+
+    def error(self, key: str, message: str, hint: Optional[str] = None):
+        """A ConfigError for ``<stage>.<key>`` (or an absolute key containing a dot) naming its source."""
+        full = key if key.split(".")[0] in _TOP else f"{self.sp.name}.{key}"
+        return self.composed.error(full, message, hint=hint)
+
+
+_TOP = ("run", "profile", "model", "data", "recipe", "pipeline")
+
+
+class StageKind:
+    """Base class of stage kinds; a kind module defines one subclass and registers an instance."""
+
+    name: str = ""
+    summary: str = ""
+    settings: type = object
+    """The settings dataclass (extends schema.StageCfg); the stage's section is typed by it."""
+    entry_point: Optional[str] = None
+    """The job-side module the template runs (``python -m ...``), for `--help` and docs."""
+    sections: Tuple[str, ...] = ()
+    """Top-level sections besides run/profile its settings refer to (``model``, ``data``)."""
+    path_keys: Tuple[str, ...] = ()
+    """Settings holding paths: made absolute on the login node (jobs run elsewhere)."""
+    output_keys: Tuple[str, ...] = ("output",)
+    """Settings naming what the stage produces (later stages may take them as inputs)."""
+    input_dirs: Tuple[str, ...] = ()
+    """Settings naming directories that must exist, or be produced by an earlier stage."""
+    multi_node: bool = False
+    """Spans ``run.nodes`` nodes (one task per node) unless ``<stage>.nodes`` says otherwise."""
+    launch_options: bool = False
+    """``--hostfile``/``--include``/``--exclude`` on the command line apply to this kind."""
+    can_resume: bool = False
+    """Continues from its checkpoints after a requeue or a rerun (``rerun --fresh`` starts over)."""
+    writes_progress: bool = False
+    """Writes ``progress.jsonl`` in its attempt directory (``watch`` shows step/loss/ETA)."""
+
+    @property
+    def template(self) -> str:
+        return f"{self.name}.sbatch.j2"
+
+    # ---- login node: planning and checks
+
+    def default_gpus(self, profile: Any) -> int:
+        """GPUs per node when the stage does not say."""
+        return 0
+
+    def plan(self, ctx: PlanContext) -> Tuple[List[str], List[str]]:
+        """Check the settings and settle resources on ``ctx.sp`` (nodes, gpus, world size, ...).
+
+        Returns Slurm's ``--nodelist`` and ``--exclude`` hosts. Raise ``ctx.error(key, msg)``.
+        """
+        return [], []
+
+    def sbatch(self, ctx: PlanContext) -> Dict[str, Optional[str]]:
+        """Extra ``#SBATCH`` options (e.g. ``signal``, ``requeue``)."""
+        return {}
+
+    def preflight(self, plan: "ChainPlan", sp: "StagePlan", composed: "Composed", produced: Set[str]) -> None:
+        """Login-node checks of the stage's input files (``render`` warns, ``submit`` refuses)."""
+
+    # ---- rendering
+
+    def files(self, plan: "ChainPlan", sp: "StagePlan") -> Dict[str, str]:
+        """Files written beside the stage's script in its attempt directory: name -> text."""
+        return {}
+
+    def template_vars(self, plan: "ChainPlan", sp: "StagePlan") -> Dict[str, Any]:
+        """Extra variables for the kind's template."""
+        return {}
+
+    # ---- reruns
+
+    def fresh(self, name: str, cfg: Any) -> Tuple[List[str], List[str]]:
+        """For ``rerun --fresh``: overrides for this attempt, and directories to move aside."""
+        return [], []
+
+
+def relative_outputs(stages: Sequence[Tuple[StageKind, Any]]) -> Set[str]:
+    """Every output path the given (kind, resolved settings) pairs produce."""
+    out: Set[str] = set()
+    for kind, cfg in stages:
+        for key in kind.output_keys:
+            value = getattr(cfg, key, None)
+            if value:
+                out.add(str(value))
+    return out
+
+
+# ---- small helpers the kinds share
+
+def to_json(data: Any) -> str:
+    import json
+
+    return json.dumps(data, indent=2, sort_keys=False) + "\n"
+
+
+def plain(obj: Any) -> Any:
+    """A settings dataclass as a plain dict (for the JSON files jobs read)."""
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(obj) if is_dataclass(obj) else obj
+
+
+def torch_dtype(value: str, precision: str) -> str:
+    """A ``dtype`` setting, with ``auto`` taken from a precision (bf16 -> bfloat16, ...)."""
+    if value != "auto":
+        return value
+    return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
