@@ -59,11 +59,12 @@ def chain_options(f):
 
 
 def _plan(recipe, nodes, profile, name, config_files, hostfile, include, exclude, overrides,
-          *, run_dir: Optional[Path] = None):
+          *, run_dir: Optional[Path] = None, extra: Optional[Dict[str, Any]] = None,
+          extra_text: Sequence[str] = ()):
     from . import config, plan
 
-    cli: Dict[str, Any] = {}
-    text: List[str] = []
+    cli: Dict[str, Any] = dict(extra or {})
+    text: List[str] = list(extra_text)
     if nodes is not None:
         cli["run.nodes"] = nodes
         text.append(f"--nodes {nodes}")
@@ -141,10 +142,14 @@ def render(recipe, nodes, profile, name, config_files, hostfile, include, exclud
             click.echo(f"  {p.relative_to(Path(out).absolute())}")
         click.echo(f"submit by hand with: bash {Path(out) / 'submit.sh'}   (or use `hpcjobs submit`)")
     else:
-        for st in rendered.stages:
-            for fname, text in st.files.items():
-                click.echo(f"==> {st.attempt_dir / fname} <==")
-                click.echo(text)
+        _print_rendered(rendered)
+
+
+def _print_rendered(rendered) -> None:
+    for st in rendered.stages:
+        for fname, text in st.files.items():
+            click.echo(f"==> {st.attempt_dir / fname} <==")
+            click.echo(text)
 
 
 def _plan_json(rendered) -> dict:
@@ -171,12 +176,16 @@ def submit(recipe, nodes, profile, name, config_files, hostfile, include, exclud
     sbatch; if a submission fails partway, the jobs already submitted are
     cancelled.
     """
+    composed, plan = _plan(recipe, nodes, profile, name, config_files, hostfile, include, exclude, overrides)
+    _submit_plan(composed, plan, as_json)
+
+
+def _submit_plan(composed, plan, as_json: bool) -> None:
     from . import preflight
     from . import render as rendering
     from . import submit as submitting
     from .slurm import Slurm
 
-    composed, plan = _plan(recipe, nodes, profile, name, config_files, hostfile, include, exclude, overrides)
     preflight.check_inputs(plan, composed)
     slurm = Slurm(plan.chain.profile.slurm_conf)
     preflight.check_cluster(plan, composed, slurm)
@@ -192,6 +201,89 @@ def submit(recipe, nodes, profile, name, config_files, hostfile, include, exclud
         click.echo(f"  {st.name:<{width}}  job {st.current.job_id}{after}")
     click.echo(f"run directory: {record.run_dir}")
     click.echo(f"follow it:     hpcjobs status {record.chain_id}")
+
+
+@cli.command("run", epilog="""\b
+Examples:
+  hpcjobs run train.py --nodes 2 -- --epochs 3 --out results/
+  hpcjobs run train.py --nodes 2 --launcher deepspeed --hf-trainer \\
+      -- --deepspeed ds_config.json --per_device_train_batch_size 4
+  hpcjobs run grpo.py --launcher accelerate --accelerate-config ds_zero3.yaml --hf-trainer
+  hpcjobs run pkg.train -m --launcher srun --nodes 2 --dry-run
+Everything after -- reaches the script unchanged, one argument each.
+""")
+@click.argument("script")
+@click.option("--nodes", "-N", type=int, default=None, help="Nodes (default 1, or the hosts a --hostfile/--include names).")
+@click.option("--gpus-per-node", "-G", type=int, default=None,
+              help="Ranks per node (default: the profile's training GPUs per node).")
+@click.option("--launcher", "-l", default="torchrun", show_default=True,
+              type=click.Choice(["deepspeed", "torchrun", "accelerate", "srun"]),
+              help="How the ranks are started; srun starts one task per rank with RANK, WORLD_SIZE, ... set.")
+@click.option("--module", "-m", "as_module", is_flag=True, help="SCRIPT is a module name, run as python -m SCRIPT.")
+@click.option("--deepspeed", "ds", default=None, metavar="FILE|zero1|zero2|zero3",
+              help="A DeepSpeed JSON (or preset); the job gets a copy with the batch numbers settled.")
+@click.option("--accelerate-config", default=None, type=click.Path(dir_okay=False),
+              help="Your accelerate YAML (--launcher accelerate).")
+@click.option("--hf-trainer", is_flag=True,
+              help="An HF Trainer/TRL script: takes --local_rank; 'auto' DeepSpeed values are left to it.")
+@click.option("--env", "env_items", multiple=True, metavar="VAR=VALUE", help="Environment for every rank; repeatable.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Any other setting, e.g. --set train.batch.micro_batch_size=4 --set train.time=02:00:00.")
+@click.option("--profile", "-p", default="local", envvar="HPCJOBS_PROFILE", show_default=True, show_envvar=True,
+              help="Cluster profile name or YAML path.")
+@click.option("--name", default=None, help="Chain name (default: the script's name).")
+@click.option("--config", "config_files", multiple=True, type=click.Path(dir_okay=False),
+              help="YAML file layered over the one-stage recipe; repeatable.")
+@click.option("--hostfile", default=None, type=click.Path(dir_okay=False), help="DeepSpeed hostfile (HOST slots=N).")
+@click.option("--include", default=None, help="DeepSpeed include spec (whole nodes unless --launcher deepspeed).")
+@click.option("--exclude", default=None, help="DeepSpeed exclude spec (whole nodes unless --launcher deepspeed).")
+@click.option("--dry-run", is_flag=True, help="Print what `render` prints; submit nothing.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"chain", "jobs", "run_dir"}.')
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def run_script(script, nodes, gpus_per_node, launcher, as_module, ds, accelerate_config, hf_trainer, env_items,
+               overrides, profile, name, config_files, hostfile, include, exclude, dry_run, as_json, args):
+    """Run your own training script on N nodes as a one-stage chain.
+
+    SCRIPT (a .py file, or a module with -m) is started by the launcher you
+    already use, once per node, with the rendezvous, hostfile, DeepSpeed and
+    accelerate configs settled before submission. The chain is like any other:
+    `status`, `watch`, `logs`, `cancel` and `rerun` work on it, and the stage
+    is named `train` (settings: train.*, see `hpcjobs render script --help`).
+    """
+    from . import config
+
+    stage = "train"
+    extra: Dict[str, Any] = {f"{stage}.launcher": launcher, f"{stage}.args": list(args),
+                             f"{stage}.hf_trainer": bool(hf_trainer)}
+    extra[f"{stage}.module" if as_module else f"{stage}.script"] = script
+    text = [f"run {script}", f"--launcher {launcher}"]
+    if gpus_per_node is not None:
+        extra[f"{stage}.gpus_per_node"] = gpus_per_node
+    if ds:
+        extra[f"{stage}.deepspeed"] = ds
+    if accelerate_config:
+        extra[f"{stage}.accelerate_config"] = accelerate_config
+    env: Dict[str, str] = {}
+    for item in env_items:
+        var, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--env {item!r} is not VAR=VALUE")
+        env[var] = value
+    if env:
+        extra[f"{stage}.env"] = env
+    if name is None:
+        base = Path(script).stem if not as_module else script.rsplit(".", 1)[-1]
+        name = config.NAME_RE.match(base) and base or "run"
+    composed, plan = _plan("script", nodes, profile, name, config_files, hostfile, include, exclude,
+                           list(overrides), extra=extra, extra_text=text)
+    if dry_run:
+        from . import preflight
+        from . import render as rendering
+
+        preflight.check_inputs(plan, composed)
+        _print_rendered(rendering.render(plan))
+        return
+    _submit_plan(composed, plan, as_json)
 
 
 # ---------------------------------------------------------------- watching

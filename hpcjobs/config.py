@@ -130,9 +130,12 @@ def parse_value(key: str, raw: str, kinds: Dict[str, str], source: str = "comman
     reports it with a suggestion.
     """
     found = key_type(kinds, key)
-    if "${" in raw or found is None:
+    if found is None:
         return raw
     tp, optional = found
+    container = typing.get_origin(tp) in (list, List, dict, Dict) or dataclasses.is_dataclass(tp)
+    if "${" in raw and not (container and raw.lstrip().startswith(("[", "{"))):
+        return raw  # an interpolation (for a list: of a whole list); OmegaConf resolves it
     if optional and raw.strip() in _NULL:
         return None
     origin = typing.get_origin(tp)
@@ -149,8 +152,10 @@ def parse_value(key: str, raw: str, kinds: Dict[str, str], source: str = "comman
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise ConfigError(f"{raw!r} is not a valid {'list' if origin in (list, List) else 'mapping'} "
                               f"({problem})", key=key, source=source,
-                              hint="e.g. [a, b] for a list, {k: v} for a mapping; quote the whole "
-                                   "KEY=VALUE for your shell") from None
+                              hint='quote items holding ${...} or ": ", e.g. [--out, "${run.dir}/x"]'
+                              if "${" in raw or ": " in raw else
+                              "e.g. [a, b] for a list, {k: v} for a mapping; quote the whole "
+                              "KEY=VALUE for your shell") from None
         if origin in (list, List) and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             raise ConfigError(f"expects a list, got {raw!r}", key=key, source=source,
                               hint=f"{key}=[{raw}]")

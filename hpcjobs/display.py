@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import List, Optional
 
 from rich.console import Console, Group
@@ -91,9 +92,9 @@ def _why(s: StageStatus) -> str:
 
 def stage_progress(cs: ChainStatus, s: StageStatus) -> Optional[progress_mod.Progress]:
     kind = stages.find(s.kind)
-    if kind is None or not kind.writes_progress:
+    if kind is None:
         return None
-    return progress_mod.read(cs.record.attempt_dir(s.name, s.attempt) / "progress.jsonl")
+    return kind.progress(cs.record.attempt_dir(s.name, s.attempt), Path(s.log) if s.log else None)
 
 
 def _status_table(cs: ChainStatus) -> Group:

@@ -188,6 +188,7 @@ def write_tree(rendered: RenderedChain, run_dir: Path) -> List[Path]:
 
 def write_file(path: Path, text: str, *, executable: bool = False) -> Path:
     mode = 0o777 if executable else 0o666  # open() applies the umask
+    path.parent.mkdir(parents=True, exist_ok=True)  # a kind's files may sit in subdirectories (code/)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "w") as f:
         f.write(text)

@@ -62,8 +62,6 @@ class StageKind:
     """``--hostfile``/``--include``/``--exclude`` on the command line apply to this kind."""
     can_resume: bool = False
     """Continues from its checkpoints after a requeue or a rerun (``rerun --fresh`` starts over)."""
-    writes_progress: bool = False
-    """Writes ``progress.jsonl`` in its attempt directory (``watch`` shows step/loss/ETA)."""
 
     @property
     def template(self) -> str:
@@ -98,6 +96,10 @@ class StageKind:
     def template_vars(self, plan: "ChainPlan", sp: "StagePlan") -> Dict[str, Any]:
         """Extra variables for the kind's template."""
         return {}
+
+    def progress(self, attempt_dir: Any, log: Any) -> Any:
+        """Training progress of an attempt (a :class:`hpcjobs.progress.Progress`), or None."""
+        return None
 
     # ---- reruns
 
@@ -137,3 +139,12 @@ def torch_dtype(value: str, precision: str) -> str:
     if value != "auto":
         return value
     return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
+
+
+def time_limit_signal(ctx: PlanContext) -> Dict[str, Optional[str]]:
+    """``#SBATCH`` options of a stage that checkpoints at its time limit and requeues itself:
+    SIGUSR2 ``profile.signal_grace`` seconds before the limit (NCCL uses USR1)."""
+    grace = ctx.chain.profile.signal_grace
+    if ctx.seconds is not None and grace >= ctx.seconds:
+        raise ctx.error("profile.signal_grace", f"{grace}s is not shorter than the stage's time limit {ctx.sp.time}")
+    return {"signal": f"B:USR2@{grace}", "requeue": ""}

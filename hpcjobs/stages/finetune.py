@@ -21,7 +21,7 @@ from ..placement import place_ranks
 from ..schema import (LORA_BIAS, OFFLOAD_DEVICES, OPTIMIZER_NAMES, PRECISIONS, RESUME, SCHEDULERS,
                       SCHEDULERS_NEEDING_EVAL, SCHEDULERS_UNSUPPORTED, SEED_MAX, ZERO_STAGES, StageCfg)
 from . import register
-from .base import PlanContext, StageKind, plain, to_json
+from .base import PlanContext, StageKind, plain, time_limit_signal, to_json
 
 
 @dataclass
@@ -92,7 +92,6 @@ class Finetune(StageKind):
     multi_node = True
     launch_options = True
     can_resume = True
-    writes_progress = True
 
     def default_gpus(self, profile):
         return profile.train_gpus_per_node or profile.gpus_per_node
@@ -151,13 +150,13 @@ class Finetune(StageKind):
         return nodelist, exclude_nodes
 
     def sbatch(self, ctx: PlanContext):
-        # Time limit: SIGUSR2 signal_grace seconds before it; the ranks checkpoint, exit 75,
-        # and the script requeues the job.
-        grace = ctx.chain.profile.signal_grace
-        if ctx.seconds is not None and grace >= ctx.seconds:
-            raise ctx.error("profile.signal_grace",
-                            f"{grace}s is not shorter than the stage's time limit {ctx.sp.time}")
-        return {"signal": f"B:USR2@{grace}", "requeue": ""}
+        # The ranks checkpoint at SIGUSR2 and exit 75; the script requeues the job.
+        return time_limit_signal(ctx)
+
+    def progress(self, attempt_dir, log):
+        from .. import progress as progress_mod
+
+        return progress_mod.read(attempt_dir / "progress.jsonl")
 
     def preflight(self, plan, sp, composed, produced):
         for key in ("hostfile", "deepspeed_config"):
