@@ -491,6 +491,17 @@ def profiles():
 
 
 @cli.command()
+def kinds():
+    """List stage kinds (what a recipe's pipeline entries can be) and what each runs."""
+    from . import stages
+
+    for name in stages.names():
+        kind = stages.get(name)
+        flags = [f for f, on in (("multi-node", kind.multi_node), ("resumes", kind.can_resume)) if on]
+        click.echo(f"{name:<10} {kind.summary}" + (f"  [{', '.join(flags)}]" if flags else ""))
+
+
+@cli.command()
 def recipes():
     """List recipes (shipped, and yours in ~/.config/hpcjobs/recipes)."""
     from . import catalog

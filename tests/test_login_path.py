@@ -25,6 +25,9 @@ def _imported(*args):
     ["submit", "--help"],
     ["profiles"],
     ["render", "llama2-lora", "--profile", "a800", "--nodes", "2", "model.source=/m", "data.path=/d"],
+    ["kinds"],
+    ["run", os.path.join(os.path.dirname(__file__), "fixtures", "scripts", "hf_trainer.py"), "--profile", "a800",
+     "--nodes", "2", "--launcher", "accelerate", "--deepspeed", "zero3", "--hf-trainer", "--dry-run"],
 ])
 def test_commands_import_nothing_heavy(args):
     mods = _imported(*args)
