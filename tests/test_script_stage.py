@@ -219,3 +219,26 @@ check:
     assert final["state"] == "COMPLETED", final
     assert [s["state"] for s in final["stages"]] == ["COMPLETED"] * 3
     assert json.loads((Path(sub["run_dir"]) / "output/result.json").read_text())["sum"] == 1.0
+
+
+@pytest.mark.cluster
+def test_time_limit_warning_checkpoints_requeues_and_resumes(devcluster, hpcjobs, tmp_path):
+    """Slurm's SIGUSR2 warning (sent here by hand, as Slurm does before the limit) reaches every
+    rank; the script saves and exits 75; the job requeues itself and continues from its step."""
+    sub = _run_json(hpcjobs, SCRIPTS / "preemptible.py", "--nodes", "2", "--launcher", "srun", "--name", "preempt",
+                    "--", "--steps", "30", "--step-seconds", "0.5")
+    out = Path(sub["run_dir"]) / "output"
+    job = sub["jobs"]["train"]
+    from conftest import wait_for
+    wait_for(lambda: (out / "step").exists() and int((out / "step").read_text() or 0) >= 4, timeout=120,
+             what="the script to pass step 4")
+    subprocess.run(["scancel", "--signal=USR2", "--batch", job], env={**os.environ, **devcluster.env()}, check=True)
+    final = wait_chain(hpcjobs, sub["chain"], timeout=240)
+    assert final["state"] == "COMPLETED", final
+    events = (out / "events").read_text().split()
+    starts = [int(events[i + 1]) for i in range(0, len(events), 2) if events[i] == "start"]
+    assert starts[0] == 0 and len(starts) == 2 and 4 <= starts[1] < 30, events   # resumed, not restarted
+    assert events[-2:] == ["end", "30"]
+    log = hpcjobs("logs", sub["chain"]).stdout
+    assert "requeueing (restart 1 of" in log and "exiting 75" in log
+    assert final["stages"][0]["job_id"] == job and final["stages"][0]["restarts"] == 1
