@@ -242,3 +242,55 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(devcluster, hpcjobs
     log = hpcjobs("logs", sub["chain"]).stdout
     assert "requeueing (restart 1 of" in log and "exiting 75" in log
     assert final["stages"][0]["job_id"] == job and final["stages"][0]["restarts"] == 1
+
+
+@pytest.mark.cluster
+@pytest.mark.train
+@pytest.mark.slow
+def test_user_recipe_convert_own_lora_script_merge_evaluate(devcluster, hpcjobs, demo_assets, tmp_path):
+    """Bringing an existing workflow over: the built-in convert, the user's own LoRA script on two
+    nodes (torchrun), then the built-in merge and evaluate on what the script saved."""
+    recipe = tmp_path / "my-lora.yaml"
+    recipe.write_text(f"""\
+recipe:
+  description: convert -> my own LoRA script (2 nodes) -> merge -> evaluate
+pipeline:
+  convert: {{kind: convert}}
+  train: {{kind: script, after: [convert]}}
+  merge: {{kind: merge, after: [train]}}
+  evaluate: {{kind: evaluate, after: [merge]}}
+model:
+  source: {demo_assets / 'llama-2-tiny'}
+data:
+  path: {demo_assets / 'dialogues.parquet'}
+  columns: [Description, Patient, Doctor]
+  template: "Patient: {{Patient}} Doctor: {{Doctor}}"
+train:
+  script: {SCRIPTS / 'lora_sft.py'}
+  launcher: torchrun
+  hf_trainer: true
+  args: [--model, "${{convert.output}}", --data, "${{data.path}}", --template, "${{data.template}}",
+         --output_dir, "${{train.output}}", --max_steps, "16", --per_device_train_batch_size, "4",
+         --learning_rate, "5e-3", --logging_steps, "2", --report_to, none, --save_strategy, "no",
+         --use_cpu, "true"]
+merge:
+  base: ${{convert.output}}
+  adapter: ${{train.output}}
+evaluate:
+  base: ${{convert.output}}
+  merged: ${{merge.output}}
+  prompts: {demo_assets / 'prompts.txt'}
+  max_new_tokens: 8
+  max_seq_length: 96
+""")
+    sub = hpcjobs.json("submit", recipe, "--nodes", "2", "--name", "mylora")
+    final = wait_chain(hpcjobs, sub["chain"], timeout=900)
+    assert final["state"] == "COMPLETED", (final, hpcjobs("logs", sub["chain"]).stdout[-3000:])
+    run = Path(sub["run_dir"])
+    trained = json.loads((run / "output" / "losses.json").read_text())
+    assert trained["world_size"] == 2
+    losses = trained["losses"]
+    assert losses[-1] < losses[0], losses                           # the user's script trained
+    assert (run / "output" / "adapter_config.json").is_file()
+    assert (run / "merged" / "config.json").is_file()              # merge took the script's adapter
+    assert (run / "eval" / "report.json").is_file()
