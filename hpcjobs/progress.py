@@ -165,6 +165,7 @@ def from_trainer_log(text: str) -> Optional[Progress]:
     rate = None
     eta = None
     loss = lr = None
+    seen_log = False
     event = None
     for segment in _SEGMENT.split(text):
         if not segment:
@@ -173,6 +174,7 @@ def from_trainer_log(text: str) -> Optional[Progress]:
             for m in _LOG_DICT.finditer(segment):
                 values = _log_values(m.group(0))
                 if "loss" in values:
+                    seen_log = True
                     loss = _finite_or_none(values["loss"])
                     lr = _finite_or_none(values.get("learning_rate"))
                     event = None
@@ -196,7 +198,7 @@ def from_trainer_log(text: str) -> Optional[Progress]:
             else:
                 r = float(m.group(5))
                 rate = r if m.group(6) == "it/s" else (1.0 / r if r > 0 else None)
-    if step is None and loss is None and event is None:
+    if step is None and not seen_log and event is None:
         return None
     return Progress(step or 0, total, loss, lr, rate, None, eta, event, None)
 

@@ -26,20 +26,21 @@ What :class:`HpcjobsCallback` does, on every rank:
   each optimizer step end the flag is all-reduced (MAX) across ranks, so a warning seen
   by any rank stops every rank at the same step: ``control.should_save`` and
   ``control.should_training_stop`` are set, the Trainer writes ``checkpoint-<step>``
-  (model, optimizer, scheduler, RNG, DeepSpeed engine state, ``trainer_state.json``),
-  and then, in ``on_save``, every rank waits for the others (a barrier: a launcher
-  kills the other ranks as soon as one exits non-zero, and they must have finished
-  writing), rank 0 writes the ``preempted`` event, the process group is destroyed and
-  the process exits with code **75** (``sys.exit``: ``finally`` blocks run, the code
-  after ``trainer.train()`` does not). The job is requeued, or you run ``hpcjobs
+  (model, optimizer, scheduler, RNG, DeepSpeed engine state, ``trainer_state.json``) and
+  calls every callback's ``on_save``, then leaves the step loop and calls
+  ``on_epoch_end``. There every rank waits for the others (a barrier: a launcher kills
+  the other ranks as soon as one exits non-zero, and they must have finished writing),
+  rank 0 writes the ``preempted`` event, the process group is destroyed and the process
+  exits with code **75** (``sys.exit``: ``finally`` blocks run, the code after
+  ``trainer.train()`` does not). The job is requeued, or you run ``hpcjobs
   rerun``, and :func:`resume_checkpoint` gives the next run that checkpoint.
 
   With ``HpcjobsCallback(exit_on_preempt=False)`` ``trainer.train()`` returns normally
   after that checkpoint instead; call :func:`exit_if_preempted` right after it (before
   saving the final model or evaluating).
 * Outside hpcjobs (no ``HPCJOBS_*`` variables) it writes no file, installs no signal
-  handler (unless ``handle_signal=True``) and so never stops training; its only cost is
-  one small all-reduce per optimizer step in a distributed run.
+  handler (unless ``handle_signal=True``), never stops training and does no per-step
+  collective.
 
 Only the training loop is covered: a warning during evaluation or model saving after
 ``trainer.train()`` is acted on by nobody, and the job then ends at its time limit.
@@ -57,7 +58,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 # stdlib-only pieces shared with the built-in finetune stage (importing it loads no torch)
-from hpcjobs.train.finetune import EXIT_PREEMPTED, PreemptFlag, ProgressWriter, _any_rank, _barrier, _finite
+from hpcjobs.train.finetune import (EXIT_PREEMPTED, PreemptFlag, ProgressWriter, _any_rank, _barrier, _finite,
+                                    log_record)
 
 LOG_PREFIX = "[hpcjobs]"
 ENV_PROGRESS = "HPCJOBS_PROGRESS_FILE"
@@ -70,7 +72,6 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _FLAG = PreemptFlag()
 _handler_installed = False
 _last_resume: Optional[str] = None  # what resume_checkpoint() last returned (for the start event)
-_preempted_checkpoint: Optional[str] = None  # set once the preemption checkpoint is saved
 _preempted = False
 
 
@@ -210,13 +211,16 @@ class HpcjobsCallback(TrainerCallback):
             _FLAG.file = self.preempt_file
         if handle_signal is None:
             handle_signal = _in_hpcjobs_job()
-        if handle_signal:
-            install_signal_handler()
+        handled = install_signal_handler() if handle_signal else False
+        # nothing can ask this process to stop: no per-step check (the environment, and so
+        # this, is the same on every rank)
+        self._watching = bool(self.preempt_file) or handled or _handler_installed
         self.exit_on_preempt = exit_on_preempt
         self.exit_code = exit_code
         self.poll_interval = poll_interval
         self.stopped_at: Optional[int] = None  # the step training stopped at for a preemption
         self.checkpoint: Optional[str] = None   # the checkpoint saved for it
+        self._stopped = False
         self._progress = ProgressWriter(None, False)
         self._last_poll = 0.0
         self._last_time = time.time()
@@ -247,9 +251,9 @@ class HpcjobsCallback(TrainerCallback):
         resumed = None
         if state.global_step:
             if _last_resume and _last_resume.endswith(f"checkpoint-{state.global_step}"):
-                resumed = _last_resume
+                resumed = os.path.abspath(_last_resume)
             else:
-                guess = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+                guess = os.path.abspath(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
                 resumed = guess if os.path.isdir(guess) else None
         self._progress.event(
             "start",
@@ -266,18 +270,7 @@ class HpcjobsCallback(TrainerCallback):
             return
         if "loss" in logs:
             now = time.time()
-            rec: dict[str, Any] = {
-                "step": state.global_step,
-                "max_steps": state.max_steps,
-                "epoch": _finite(state.epoch),
-                "loss": _finite(logs.get("loss")),
-                "learning_rate": _finite(logs.get("learning_rate")),
-            }
-            if logs.get("grad_norm") is not None:
-                rec["grad_norm"] = _finite(logs["grad_norm"])
-            steps = state.global_step - self._last_step
-            if steps > 0 and now > self._last_time:
-                rec["samples_per_second"] = round(steps * self._global_batch / (now - self._last_time), 3)
+            rec = log_record(state, logs, self._global_batch, self._last_step, self._last_time, now)
             self._last_time, self._last_step = now, state.global_step
             self._progress.write(rec)
         elif "eval_loss" in logs:
@@ -288,7 +281,7 @@ class HpcjobsCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kw):
         # a collective on every rank at every optimizer step: all ranks stop at the same step
-        if _any_rank(self._local_request(), args.device):
+        if self._watching and _any_rank(self._local_request(), args.device):
             if self.stopped_at is None and state.is_world_process_zero:
                 how = "on this rank" if _FLAG.signalled else "on another rank"
                 _log(f"time-limit warning (SIGUSR2 or {_FLAG.file or 'no flag file'}) {how}: saving a checkpoint "
@@ -301,26 +294,34 @@ class HpcjobsCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kw):
-        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        path = os.path.abspath(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
         self._progress.event("checkpoint", step=state.global_step, path=path)
         if self.stopped_at is not None and state.global_step == self.stopped_at:
             self.checkpoint = path
-            self._stop_for_preemption(args, state, path)
+
+    def on_epoch_end(self, args, state, control, **kw):
+        # The first event after the stopping step's save: every callback's on_save has run
+        # (one that copies checkpoints elsewhere, say), and nothing else has happened yet.
+        if self.stopped_at is not None and not self._stopped:
+            self._stop_for_preemption(state)
 
     def on_train_end(self, args, state, control, **kw):
         if self.stopped_at is not None:
-            if self.checkpoint is None:  # another callback cancelled the save
-                self._stop_for_preemption(args, state, None)
+            if not self._stopped:  # not reached: the Trainer calls on_epoch_end first
+                self._stop_for_preemption(state)
             return
         self._progress.event("end", **{**self._summary, "step": state.global_step, "max_steps": state.max_steps})
 
-    def _stop_for_preemption(self, args, state, path: Optional[str]) -> None:
-        global _preempted, _preempted_checkpoint
+    def _stop_for_preemption(self, state) -> None:
+        global _preempted
+        self._stopped = True
         _barrier()  # every rank has written its part of the checkpoint
-        _preempted, _preempted_checkpoint = True, path
+        path = self.checkpoint  # None: some other callback cancelled the save
+        _preempted = True
         self._progress.event("preempted", step=state.global_step, max_steps=state.max_steps, checkpoint=path)
         if state.is_world_process_zero:
-            _log(f"preempted: checkpoint {path} saved at step {state.global_step}"
+            _log((f"preempted: checkpoint {path} saved at step {state.global_step}" if path else
+                  f"preempted at step {state.global_step}, but no checkpoint was saved")
                  + (f"; exiting with {self.exit_code}" if self.exit_on_preempt else ""))
         if self.exit_on_preempt:
             _exit(self.exit_code)

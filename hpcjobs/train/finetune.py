@@ -342,6 +342,23 @@ def _finite(x: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
+def log_record(state, logs: dict, global_batch: int, last_step: int, last_time: float, now: float) -> dict:
+    """One progress.jsonl line for a Trainer log with a loss (shared with hpcjobs.train.callbacks)."""
+    rec: dict[str, Any] = {
+        "step": state.global_step,
+        "max_steps": state.max_steps,
+        "epoch": _finite(state.epoch),
+        "loss": _finite(logs.get("loss")),
+        "learning_rate": _finite(logs.get("learning_rate")),
+    }
+    if logs.get("grad_norm") is not None:
+        rec["grad_norm"] = _finite(logs["grad_norm"])
+    steps = state.global_step - last_step
+    if steps > 0 and now > last_time:
+        rec["samples_per_second"] = round(steps * global_batch / (now - last_time), 3)
+    return rec
+
+
 def make_callbacks(progress: ProgressWriter, preempt: PreemptFlag, global_batch: int, info: dict):
     """Build the TrainerCallbacks (imported lazily: transformers is heavy)."""
     from transformers import TrainerCallback
@@ -381,18 +398,7 @@ def make_callbacks(progress: ProgressWriter, preempt: PreemptFlag, global_batch:
                 return
             now = time.time()
             if "loss" in logs:
-                rec: dict[str, Any] = {
-                    "step": state.global_step,
-                    "max_steps": state.max_steps,
-                    "epoch": _finite(state.epoch),
-                    "loss": _finite(logs.get("loss")),
-                    "learning_rate": _finite(logs.get("learning_rate")),
-                }
-                if logs.get("grad_norm") is not None:
-                    rec["grad_norm"] = _finite(logs["grad_norm"])
-                steps = state.global_step - self.last_step
-                if steps > 0 and now > self.last_time:
-                    rec["samples_per_second"] = round(steps * global_batch / (now - self.last_time), 3)
+                rec = log_record(state, logs, global_batch, self.last_step, self.last_time, now)
                 self.last_time, self.last_step = now, state.global_step
                 progress.write(rec)
                 log(
