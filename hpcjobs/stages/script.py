@@ -150,8 +150,6 @@ class Script(StageKind):
                 raise ctx.error(f"env.{k}", "not a valid environment variable name")
         if s.accelerate_config and s.launcher != "accelerate":
             raise ctx.error("accelerate_config", f"is for the accelerate launcher (launcher is {s.launcher})")
-        if s.launcher == "srun" and (s.hostfile or s.include or s.exclude):
-            pass  # whole nodes only, checked below like the other non-deepspeed launchers
         if s.launcher != "deepspeed":
             for key in ("include", "exclude"):
                 spec = getattr(s, key)
