@@ -59,7 +59,7 @@ def test_a800_two_nodes_world_size_16(hpcjobs_home):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["no-such-recipe", "--profile", "a800"], "unknown recipe 'no-such-recipe'; known recipes: llama2-lora"),
+    (["no-such-recipe", "--profile", "a800"], "unknown recipe 'no-such-recipe'; known recipes:"),
     (["llama2-lora", "--profile", "nope"], "unknown profile 'nope'; known profiles: a100, a800, local"),
     (["llama2-lora", *A800, "finetune.lrr=1"], "command line: finetune.lrr: unknown key"),
     (["llama2-lora", *A800, "finetune.lr=fast"], "command line: finetune.lr: expects a number, got 'fast'"),
