@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -165,6 +166,28 @@ def _plan_json(rendered) -> dict:
     }
 
 
+@cli.command("plan", epilog=EPILOG_OVERRIDES)
+@chain_options
+@click.option("--json", "as_json", is_flag=True, help="Print the memory plan as JSON.")
+def plan_memory(recipe, nodes, profile, name, config_files, hostfile, include, exclude, overrides, as_json):
+    """Predict each finetune stage's peak memory per GPU and per node; no Slurm call.
+
+    The chain is planned exactly as `render` plans it; the model's config.json
+    (or a Meta params.json) gives the exact parameter count. Shows weights,
+    gradients, optimizer states, activations, logits/loss, DeepSpeed buffers
+    and CUDA/NCCL overhead, the phase of the peak, and whether it fits the
+    profile's gpu_mem and mem_per_node.
+    """
+    from .memplan import report
+
+    composed, plan = _plan(recipe, nodes, profile, name, config_files, hostfile, include, exclude, overrides)
+    stages = report.plan_chain(plan)
+    if as_json:
+        click.echo(json.dumps({"profile": plan.profile, "stages": [sm.to_json() for sm in stages]}, indent=2))
+    else:
+        report.print_report(stages, plan.profile)
+
+
 @cli.command(epilog=EPILOG_OVERRIDES)
 @chain_options
 @click.option("--json", "as_json", is_flag=True, help='Print {"chain": ..., "jobs": {stage: job_id}}.')
@@ -275,6 +298,52 @@ def run_script(script, nodes, gpus_per_node, launcher, as_module, ds, accelerate
         base = Path(script).stem if not as_module else script.rsplit(".", 1)[-1]
         name = config.NAME_RE.match(base) and base or "run"
     composed, plan = _plan("script", nodes, profile, name, config_files, hostfile, include, exclude,
+                           list(overrides), extra=extra, extra_text=text)
+    if dry_run:
+        from . import preflight
+        from . import render as rendering
+
+        preflight.check_inputs(plan, composed)
+        _print_rendered(rendering.render(plan))
+        return
+    _submit_plan(composed, plan, as_json)
+
+
+@cli.command("commcheck", epilog="""\b
+Examples:
+  hpcjobs commcheck --nodes 4 --profile a800
+  hpcjobs commcheck --nodes 8 --profile a800 --pairs --expect 20
+  hpcjobs commcheck --nodes 2 --set commcheck.sizes=[64M,1G] --set commcheck.iters=50
+""")
+@click.option("--nodes", "-N", type=int, default=None, help="Nodes to test (default 1: the GPUs of one node).")
+@click.option("--profile", "-p", default="local", envvar="HPCJOBS_PROFILE", show_default=True, show_envvar=True,
+              help="Cluster profile name or YAML path.")
+@click.option("--pairs", is_flag=True, help="Also test every pair of nodes on its own and name the slow one.")
+@click.option("--expect", type=float, default=None, metavar="GBPS",
+              help="Fail below this bus bandwidth in GB/s (default: the profile's expected_busbw).")
+@click.option("--name", default=None, help="Chain name (default: commcheck).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Any other setting, e.g. --set commcheck.sizes=[1M,256M] --set commcheck.time=00:10:00.")
+@click.option("--dry-run", is_flag=True, help="Print what `render` prints; submit nothing.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"chain", "jobs", "run_dir"}.')
+def commcheck(nodes, profile, pairs, expect, name, overrides, dry_run, as_json):
+    """Test the interconnect: an all-reduce bandwidth check across N nodes.
+
+    Submits a one-stage chain (recipe `commcheck`): NCCL on GPU profiles, gloo
+    on CPU. The log and commcheck.json in the attempt directory hold the bus
+    bandwidth per message size; the stage fails, naming the slow node(s), when
+    the peak is below the expectation. Follow it with `status` and `logs`.
+    """
+    stage = "commcheck"
+    extra: Dict[str, Any] = {}
+    text = ["commcheck"]
+    if pairs:
+        extra[f"{stage}.pairs"] = True
+        text.append("--pairs")
+    if expect is not None:
+        extra[f"{stage}.expected_busbw"] = expect
+        text.append(f"--expect {expect:g}")
+    composed, plan = _plan("commcheck", nodes, profile, name, (), None, None, None,
                            list(overrides), extra=extra, extra_text=text)
     if dry_run:
         from . import preflight
@@ -437,27 +506,58 @@ def rerun(chain, from_stage, fresh, dry_run, as_json, overrides):
         click.echo("nothing was submitted (--dry-run)")
 
 
+def _since(ctx, param, value: Optional[str]) -> Optional[str]:
+    """``--since``: ``Nd``/``Nh`` ago, or a date ``YYYY-MM-DD[THH:MM[:SS]]`` (UTC) -> a UTC time."""
+    import datetime as dt
+
+    if value is None:
+        return None
+    text = value.strip()
+    now = dt.datetime.now(dt.timezone.utc)
+    m = re.fullmatch(r"(\d+)\s*([dh])", text)
+    if m:
+        delta = dt.timedelta(days=int(m[1])) if m[2] == "d" else dt.timedelta(hours=int(m[1]))
+        return (now - delta).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for fmt in ("%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%SZ"):
+        try:
+            return dt.datetime.strptime(text, fmt).strftime("%Y-%m-%dT%H:%M:%SZ")
+        except ValueError:
+            continue
+    raise click.BadParameter(f"{value!r} is not Nd, Nh or a date YYYY-MM-DD[THH:MM[:SS]] (UTC)")
+
+
 @cli.command(name="list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 @click.option("--scan", type=click.Path(file_okay=False, exists=True), default=None,
               help="Re-index the run directories under this runs root first.")
-def list_chains(as_json, scan):
-    """Every known chain with its state (one squeue and one sacct call in all)."""
+@click.option("--all", "show_all", is_flag=True, help="Every chain, however old (default: the last 7 days).")
+@click.option("--since", default=None, callback=_since, metavar="Nd|Nh|DATE",
+              help="Chains created since then (e.g. 30d, 12h, 2026-11-01; UTC); unfinished ones always show.")
+def list_chains(as_json, scan, show_all, since):
+    """Recent chains with their state, and every unfinished one.
+
+    Finished chains come from a cache in the state directory (rebuilt from the
+    run directories when missing); only unfinished ones are asked of Slurm,
+    with one squeue and one sacct call whose window starts at the oldest of them.
+    """
     from . import records, status as st
 
     scanned_damaged: list = []
     if scan:
         records.scan(Path(scan), damaged=scanned_damaged)
-    recs, damaged = records.load_all()
+    hist = st.history(since=since, show_all=show_all)
+    damaged = hist.damaged
     seen = {e.path for e in damaged}
     _warn_damaged(damaged + [e for e in scanned_damaged if e.path not in seen])
-    statuses = st.collect(recs) if recs else []
+    statuses = hist.statuses
     if as_json:
         click.echo(json.dumps([cs.to_json() for cs in statuses], indent=2))
         return
     from . import display
 
     display.chain_list(statuses)
+    if hist.hidden:
+        click.echo(f"{hist.hidden} older finished chain(s) not shown (--all, or --since 30d)")
 
 
 @cli.command()

@@ -421,3 +421,108 @@ def load_all() -> Tuple[List[ChainRecord], List[DamagedRecord]]:
 def all_records() -> List[ChainRecord]:
     """Every indexed chain whose record can be used, oldest first."""
     return load_all()[0]
+
+
+# ---------------------------------------------------------------- the history cache
+#
+# A chain whose stages all reached a final state does not change until its record does
+# (a rerun or a cancel rewrites chain.json). `list` keeps what it found about such a chain
+# in ``<state dir>/final/<chain id>.json``: derived, rebuildable from the run directory
+# (delete the folder and the next `list` asks Slurm again), never the source of truth. An
+# entry counts only while chain.json's mtime and size are the ones it was made from.
+
+def final_dir() -> Path:
+    return paths.state_dir() / "final"
+
+
+def _stamp(run_dir: "Path | str") -> Optional[List[int]]:
+    try:
+        st = (Path(run_dir) / RECORD).stat()
+    except OSError:
+        return None
+    return [st.st_mtime_ns, st.st_size]
+
+
+def final_get(chain_id: str, run_dir: "Path | str") -> Optional[Dict[str, Any]]:
+    """The cached entry of a final chain, or None when there is none or it is stale."""
+    try:
+        data = json.loads((final_dir() / f"{chain_id}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(data, dict) or data.get("version") != 1
+            or data.get("run_dir") != str(Path(run_dir).absolute())
+            or data.get("stamp") != _stamp(run_dir) or not isinstance(data.get("record"), dict)):
+        return None
+    return data
+
+
+def final_put(record: ChainRecord, payload: Dict[str, Any], stamp: Optional[List[int]] = None) -> None:
+    """Cache what was found about a final chain (best effort: a failure only costs speed).
+    ``stamp``: chain.json's stamp when the record was read (so a record rewritten since is not
+    cached under the new stamp)."""
+    stamp = stamp or _stamp(record.run_dir)
+    if stamp is None:
+        return
+    data = {"version": 1, "run_dir": str(record.run_dir), "stamp": stamp, "record": record.to_dict(), **payload}
+    d = final_dir()
+    tmp = d / f".{record.chain_id}.{os.getpid()}"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data) + "\n", encoding="utf-8")
+        os.replace(tmp, d / f"{record.chain_id}.json")
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def load_stamped(run_dir: "Path | str") -> Tuple[ChainRecord, Optional[List[int]]]:
+    """The record and chain.json's stamp taken before reading it."""
+    stamp = _stamp(run_dir)
+    return ChainRecord.load(Path(run_dir)), stamp
+
+
+def index_entries() -> Dict[str, str]:
+    """chain id -> run dir of every index link, without checking the run directories (fast:
+    for `list`, which checks what it reads)."""
+    d = str(index_dir())
+    out: Dict[str, str] = {}
+    try:
+        entries = list(os.scandir(d))
+    except OSError:
+        return out
+    for e in entries:
+        if e.name.startswith(".") or not e.is_symlink():
+            continue
+        try:
+            out[e.name] = os.path.join(d, os.readlink(e.path))    # an absolute target replaces d
+        except OSError:
+            continue
+    return dict(sorted(out.items()))
+
+
+def stamp_of(run_dir: str) -> Optional[List[int]]:
+    try:
+        st = os.stat(os.path.join(run_dir, RECORD))
+    except OSError:
+        return None
+    return [st.st_mtime_ns, st.st_size]
+
+
+def final_summary() -> Dict[str, Any]:
+    """``final/summary.json``: chain id -> [run dir, stamp, created] of every cached final chain,
+    so `list` can skip the old ones with one stat each (derived like the entries it sums up)."""
+    try:
+        data = json.loads((final_dir() / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def final_summary_write(summary: Dict[str, Any]) -> None:
+    d = final_dir()
+    tmp = d / f".summary.{os.getpid()}"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(summary) + "\n", encoding="utf-8")
+        os.replace(tmp, d / "summary.json")
+    except OSError:
+        tmp.unlink(missing_ok=True)

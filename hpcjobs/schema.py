@@ -142,6 +142,8 @@ class ProfileCfg:
     cpus_per_node: int = number(32, ge=1)
     mem_per_node: Optional[str] = slurm_mem(None)
     """Memory a whole-node stage asks for (``--mem``), e.g. ``1000G``; None: site default."""
+    gpu_mem: Optional[str] = slurm_mem(None)
+    """Memory of one GPU, e.g. ``80G`` (A800) or ``40G`` (A100), for ``hpcjobs plan``; None: unknown."""
     precision: str = choice(*PRECISIONS, default="bf16")
     """Default training/conversion precision on this cluster: bf16, fp16 or fp32."""
     python: str = "python3"
@@ -163,6 +165,9 @@ class ProfileCfg:
     """Seconds before the time limit at which a stage gets SIGUSR2 to checkpoint."""
     sbatch: Dict[str, str] = field(default_factory=dict)
     """Extra ``#SBATCH`` options for every stage, e.g. ``{constraint: ib}``."""
+    expected_busbw: Optional[float] = number(None, gt=0)
+    """All-reduce bus bandwidth (GB/s, as nccl-tests reports it) a ``commcheck`` stage expects
+    at least; None: the check reports bandwidth and fails on nothing."""
 
 
 @dataclass

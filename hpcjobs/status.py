@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .errors import SlurmError
+from .errors import HpcjobsError, SlurmError
 from .records import ChainRecord
 from .slurm import DONE_STATES, FAILED_STATES, LIVE_STATES, AccountingUnavailable, AcctInfo, QueueInfo, Slurm
 
@@ -359,3 +360,115 @@ def tail(path: Optional[str], lines: int = 10) -> List[str]:
     except OSError:
         return []
     return data.splitlines()[-lines:]
+
+
+# ---------------------------------------------------------------- history (`hpcjobs list`)
+
+#: chains `list` shows by default: created within this many days, or not final
+RECENT_DAYS = 7
+
+
+def is_final(cs: ChainStatus) -> bool:
+    """Every stage reached a final state that Slurm's accounting or the job's own marker
+    vouches for (a chain that can still change is never final; a rerun or cancel rewrites
+    its record, which invalidates the cache)."""
+    if not cs.accounting or cs.record.submission == "submitting" or not cs.stages:
+        return False
+    for s in cs.stages:
+        if s.orphans:
+            return False
+        if s.state == "NOT_SUBMITTED":
+            if cs.record.submission not in ("failed", "cancelled"):
+                return False
+        elif not (s.state in DONE_STATES | FAILED_STATES and s.source in ("sacct", "marker")):
+            return False
+    return True
+
+
+@dataclass
+class History:
+    statuses: List[ChainStatus]      # shown, oldest first
+    damaged: list                    # records.DamagedRecord of unusable records
+    hidden: int = 0                  # final chains older than the window
+    collected: List[str] = field(default_factory=list)   # chain ids asked of Slurm this time
+    cached: int = 0                  # chains answered from the cache
+
+
+def _from_cache(data: dict, run_dir: Path) -> ChainStatus:
+    rec = ChainRecord.from_dict(data["record"], run_dir=str(Path(run_dir).absolute()))
+    stages = [StageStatus(**s) for s in data["stages"]]
+    if [s.name for s in stages] != [st.name for st in rec.stages]:
+        raise ValueError("stages differ")
+    return ChainStatus(rec, stages, True, [])
+
+
+def history(*, since: Optional[str] = None, show_all: bool = False,
+            slurm_for: Callable[[Optional[str]], Slurm] = Slurm) -> History:
+    """The chains `list` shows. Final chains come from the cache (no Slurm call, no log read);
+    the others are asked of Slurm with one squeue and one sacct call, whose window starts at
+    the oldest of them. ``since``: a UTC time like ``2026-12-01T00:00:00Z`` (default: the
+    last :data:`RECENT_DAYS` days); unfinished chains are shown whatever their age."""
+    from . import records
+
+    if not show_all and since is None:
+        cutoff = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(days=RECENT_DAYS)
+        since = cutoff.strftime("%Y-%m-%dT%H:%M:%SZ")
+    run_dirs: Dict[str, str] = {}
+    cached: List[ChainStatus] = []
+    recs: List[ChainRecord] = []
+    stamps: Dict[str, Optional[list]] = {}
+    damaged: list = []
+    old = 0      # final chains outside the window: counted with one stat each, not read
+    summary = records.final_summary()
+    new_summary: Dict[str, list] = {}
+    for chain_id, run_dir in records.index_entries().items():
+        stamp = records.stamp_of(run_dir)
+        if stamp is None and not os.path.lexists(os.path.join(run_dir, records.RECORD)):
+            continue                 # run directory gone or moved (`list --scan` finds it again)
+        known = summary.get(chain_id)
+        if (stamp is not None and isinstance(known, list) and len(known) == 3
+                and known[0] == run_dir and known[1] == stamp and isinstance(known[2], str)):
+            if not show_all and known[2] < since:
+                old += 1
+                new_summary[chain_id] = known
+                continue
+        data = records.final_get(chain_id, run_dir) if stamp is not None else None
+        if data is not None:
+            created = data["record"].get("created")
+            if isinstance(created, str):
+                new_summary[chain_id] = [run_dir, data["stamp"], created]
+                if not show_all and created < since:
+                    old += 1
+                    continue
+            try:
+                cached.append(_from_cache(data, run_dir))
+                continue
+            except (KeyError, TypeError, ValueError):
+                new_summary.pop(chain_id, None)
+        try:
+            rec, stamp = records.load_stamped(run_dir)
+        except records.DamagedRecord as e:
+            damaged.append(e)
+            continue
+        except HpcjobsError:   # not a run directory any more
+            continue
+        recs.append(rec)
+        stamps[rec.chain_id] = stamp
+        run_dirs[rec.chain_id] = run_dir
+    fresh = collect(recs, slurm_for) if recs else []
+    final_ids = {cs.record.chain_id for cs in cached}
+    for cs in fresh:
+        if is_final(cs):
+            final_ids.add(cs.record.chain_id)
+            stamp = stamps.get(cs.record.chain_id)
+            records.final_put(cs.record, {"stages": [asdict(s) for s in cs.stages]}, stamp=stamp)
+            if stamp is not None:
+                new_summary[cs.record.chain_id] = [run_dirs[cs.record.chain_id], stamp, cs.record.created]
+    if new_summary != summary:
+        records.final_summary_write(new_summary)
+    everything = sorted(cached + fresh, key=lambda cs: cs.record.created)
+    if show_all:
+        shown = everything
+    else:
+        shown = [cs for cs in everything if cs.record.created >= since or cs.record.chain_id not in final_ids]
+    return History(shown, damaged, old + len(everything) - len(shown), [r.chain_id for r in recs], len(cached))
