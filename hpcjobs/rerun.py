@@ -125,8 +125,7 @@ def _fresh(record: ChainRecord, name: str, cfg: Any) -> Tuple[List[str], List[st
     kind = stage_kinds.find(record.stage(name).kind)
     if kind is None or not kind.can_resume:
         return [], []
-    overrides, paths = kind.fresh(name, cfg)
-    return overrides, paths if cfg is not None else []
+    return kind.fresh(name, cfg)
 
 
 def plan_rerun(record: ChainRecord, *, from_stage: Optional[str], overrides: Sequence[str],

@@ -104,7 +104,10 @@ class StageKind:
     # ---- reruns
 
     def fresh(self, name: str, cfg: Any) -> Tuple[List[str], List[str]]:
-        """For ``rerun --fresh``: overrides for this attempt, and directories to move aside."""
+        """For ``rerun --fresh``: overrides for this attempt, and directories to move aside.
+
+        ``cfg`` is the stage's resolved settings, or None when only the overrides are wanted
+        (before the rerun is planned)."""
         return [], []
 
 

@@ -203,7 +203,7 @@ class Finetune(StageKind):
         return files
 
     def fresh(self, name, cfg):
-        return [f"{name}.resume=never"], [cfg.checkpoints]
+        return [f"{name}.resume=never"], [cfg.checkpoints] if cfg is not None else []
 
 
 register(Finetune())
