@@ -203,6 +203,18 @@ def submit(recipe, nodes, profile, name, config_files, hostfile, include, exclud
     _submit_plan(composed, plan, as_json)
 
 
+def _dry_run_or_submit(composed, plan, dry_run: bool, as_json: bool) -> None:
+    """What `run` and `commcheck` do with their one-stage chain: print it, or submit it."""
+    if dry_run:
+        from . import preflight
+        from . import render as rendering
+
+        preflight.check_inputs(plan, composed)
+        _print_rendered(rendering.render(plan))
+        return
+    _submit_plan(composed, plan, as_json)
+
+
 def _submit_plan(composed, plan, as_json: bool) -> None:
     from . import preflight
     from . import render as rendering
@@ -299,14 +311,7 @@ def run_script(script, nodes, gpus_per_node, launcher, as_module, ds, accelerate
         name = config.NAME_RE.match(base) and base or "run"
     composed, plan = _plan("script", nodes, profile, name, config_files, hostfile, include, exclude,
                            list(overrides), extra=extra, extra_text=text)
-    if dry_run:
-        from . import preflight
-        from . import render as rendering
-
-        preflight.check_inputs(plan, composed)
-        _print_rendered(rendering.render(plan))
-        return
-    _submit_plan(composed, plan, as_json)
+    _dry_run_or_submit(composed, plan, dry_run, as_json)
 
 
 @cli.command("commcheck", epilog="""\b
@@ -345,14 +350,7 @@ def commcheck(nodes, profile, pairs, expect, name, overrides, dry_run, as_json):
         text.append(f"--expect {expect:g}")
     composed, plan = _plan("commcheck", nodes, profile, name, (), None, None, None,
                            list(overrides), extra=extra, extra_text=text)
-    if dry_run:
-        from . import preflight
-        from . import render as rendering
-
-        preflight.check_inputs(plan, composed)
-        _print_rendered(rendering.render(plan))
-        return
-    _submit_plan(composed, plan, as_json)
+    _dry_run_or_submit(composed, plan, dry_run, as_json)
 
 
 # ---------------------------------------------------------------- watching
