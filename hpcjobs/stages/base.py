@@ -32,11 +32,10 @@ class PlanContext:
 
     def error(self, key: str, message: str, hint: Optional[str] = None):
         """A ConfigError for ``<stage>.<key>`` (or an absolute key containing a dot) naming its source."""
-        full = key if key.split(".")[0] in _TOP else f"{self.sp.name}.{key}"
+        from ..schema import RESERVED  # top-level sections; a stage can't be named like one
+
+        full = key if key.split(".")[0] in RESERVED else f"{self.sp.name}.{key}"
         return self.composed.error(full, message, hint=hint)
-
-
-_TOP = ("run", "profile", "model", "data", "recipe", "pipeline")
 
 
 class StageKind:

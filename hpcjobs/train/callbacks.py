@@ -59,7 +59,7 @@ from typing import Any, Optional
 
 # stdlib-only pieces shared with the built-in finetune stage (importing it loads no torch)
 from hpcjobs.train.finetune import (EXIT_PREEMPTED, PreemptFlag, ProgressWriter, _any_rank, _barrier, _finite,
-                                    log_record)
+                                    log_record, save_and_stop)
 
 LOG_PREFIX = "[hpcjobs]"
 ENV_PROGRESS = "HPCJOBS_PROGRESS_FILE"
@@ -287,10 +287,7 @@ class HpcjobsCallback(TrainerCallback):
                 _log(f"time-limit warning (SIGUSR2 or {_FLAG.file or 'no flag file'}) {how}: saving a checkpoint "
                      f"at step {state.global_step} and stopping")
             self.stopped_at = state.global_step
-            control.should_save = True
-            control.should_log = True
-            control.should_evaluate = False
-            control.should_training_stop = True
+            save_and_stop(control)
         return control
 
     def on_save(self, args, state, control, **kw):

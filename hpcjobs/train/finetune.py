@@ -342,6 +342,14 @@ def _finite(x: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
+def save_and_stop(control) -> None:
+    """The time-limit warning: checkpoint at this step, skip evaluation, stop training."""
+    control.should_save = True
+    control.should_log = True
+    control.should_evaluate = False
+    control.should_training_stop = True
+
+
 def log_record(state, logs: dict, global_batch: int, last_step: int, last_time: float, now: float) -> dict:
     """One progress.jsonl line for a Trainer log with a loss (shared with hpcjobs.train.callbacks)."""
     rec: dict[str, Any] = {
@@ -433,10 +441,7 @@ def make_callbacks(progress: ProgressWriter, preempt: PreemptFlag, global_batch:
         def on_step_end(self, args, state, control, **kw):
             if _any_rank(preempt.requested(), args.device):
                 self.stopped_at = state.global_step
-                control.should_save = True
-                control.should_log = True
-                control.should_evaluate = False
-                control.should_training_stop = True
+                save_and_stop(control)
             return control
 
     return ProgressCallback(), PreemptCallback()
