@@ -332,6 +332,41 @@ class DevCluster:
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.1)
 
+    def power_on(self, node: str, timeout: float = 150) -> None:
+        """Bring a node killed by :meth:`power_off` back, as a reboot would.
+
+        A real reboot takes minutes; restarting slurmd at once is not the same thing. RPCs
+        slurmctld sent to the dead node before it was marked DOWN (e.g. the signal that ends
+        the failed job step) sit in its retry list and are re-sent RPC_RETRY_INTERVAL (60 s)
+        later. A job requeued after the failure keeps its job and step ids, so a stale
+        "signal step N.0" delivered to a node that is already back kills the *new* run of
+        the step. After a real reboot that retry reaches a DOWN node and is dropped; here we
+        wait until slurmctld has no RPC pending for the node (``sdiag``) before starting it.
+        """
+        daemon = f"slurmd-{node}"
+        self._check_name(daemon)
+        deadline = time.monotonic() + timeout
+        self._wait(lambda: not self._pending_rpcs(node), deadline,
+                   f"slurmctld to drop the RPCs pending for {node}",
+                   lambda: self._slurm("sdiag", timeout=5).stdout[-2000:])
+        self.start(daemon, timeout=max(10.0, deadline - time.monotonic()))
+
+    def _pending_rpcs(self, node: str) -> list[str]:
+        """The RPCs slurmctld holds for ``node`` in its retry queue (sdiag's "Pending RPCs")."""
+        r = self._slurm("sdiag", timeout=5)
+        if r.returncode != 0:
+            return ["sdiag failed: " + r.stderr.strip()]
+        if "\nPending RPCs" not in r.stdout:     # "No pending RPCs", or only statistics
+            return []
+        pending = []
+        # lines "\t 1: REQUEST_TERMINATE_JOB    node[1-2]"; a ranged hostlist counts as ours
+        for line in r.stdout.split("\nPending RPCs", 1)[1].splitlines()[1:]:
+            parts = line.split()
+            if len(parts) >= 3 and parts[0].rstrip(":").isdigit() and (
+                    node in parts[2].split(",") or "[" in parts[2]):
+                pending.append(line.strip())
+        return pending
+
     def kill(self, daemon: str, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to a daemon, no cleanup, no waiting (fault injection)."""
         self._check_name(daemon)
