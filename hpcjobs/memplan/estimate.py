@@ -8,38 +8,63 @@ for LoRA), N = data-parallel world size, G = ranks per node, s = sequence length
 batch, h = hidden size, a = attention heads, L = transformer blocks, V = vocabulary,
 w = bytes of the compute dtype (2 for bf16/fp16, 4 for fp32).
 
-Model states (per rank)
+Model states (per rank); measured against a real DeepSpeed engine (0.19, 2 ranks, ZeRO 1-3, with
+and without offload, LoRA and full, fp32 and bf16) in tests/test_memplan_accuracy.py, where the
+predictions equal the tensor bytes DeepSpeed holds to within 0.1%:
   full finetune, mixed precision (Adam): 16-bit weights 2Ψ, 16-bit grads 2Ψ, fp32 master
   weights + momentum + variance 12Ψ, and DeepSpeed's fp32 gradient partition 4Ψ that the
   optimizer steps on (the "16Ψ" of the ZeRO paper, plus that fp32 gradient copy).
-  full finetune, fp32: weights 4Ψ, grads 4Ψ, momentum + variance 8Ψ.
-  LoRA / frozen base: base weights wΨ (no grads, no optimizer states); the adapter in fp32 as
-  PEFT keeps it: weights 4T, grads 4T, momentum + variance 8T.
-  ZeRO partitions over N: stage ≥1 the optimizer states (and the fp32 gradient partition),
-  stage ≥2 the 16-bit gradients, stage 3 the weights. ZeRO-3 gathers one module at a time: its
-  working set is DeepSpeed's "largest layer" (16-bit weights + grads of the biggest module,
-  usually the embedding), as in ``estimate_zero3_model_states_mem_needs``.
-  offload_optimizer=cpu moves the optimizer states and the fp32 gradients to host memory,
-  offload_param=cpu (ZeRO-3) the weight partitions as well.
+  fp32 under ZeRO: the same with 4-byte weights and grads: the ZeRO optimizer clones its fp32
+  partition (master) and converts the flattened gradient partition into a separate fp32 tensor
+  even when the model already is fp32. fp32 without ZeRO: weights 4Ψ, grads 4Ψ, moments 8Ψ.
+  LoRA / frozen base: base weights wΨ, no grads, no optimizer states; the adapter like a full
+  finetune of T parameters. PEFT creates it in fp32, but DeepSpeed casts the whole module to the
+  compute dtype, adapter included (bf16: 2T weights, 2T + 4T grads, 12T states).
+  ZeRO partitions over N: stage ≥1 the optimizer states, the fp32 gradient and the 16-bit
+  gradients (DeepSpeed reduces stage-1 gradients into its buckets during backward too, so the
+  full 16-bit gradients never exist at once), stage 3 the weights. The fp32 gradient exists
+  inside the step only, one parameter group at a time (the largest group is nearly all of T).
+  ZeRO-3 keeps tensors under ``stage3_param_persistence_threshold`` (1e5 elements) whole on
+  every rank, besides their partition (norm weights, small projections), and gathers one module
+  at a time: the working set is the largest layer's 16-bit weights (more is prefetched within
+  the prefetch bucket, counted as a buffer), and during backward that module's full 16-bit
+  gradient, which never coexists with the fp32 gradient of the step: we count the larger.
+  offload_optimizer=cpu moves master weights, moments and the fp32 gradients to host memory
+  (ZeRO-3 its 16-bit gradient partition too); offload_param=cpu (ZeRO-3) the weight partitions.
+  Partitions are padded to a multiple of N (and alignment): a few elements, not modelled.
 
-Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
-Models", no tensor/sequence parallelism): one transformer block stores s·b·h·(34 + 5·a·s/h)
-bytes with 16-bit activations. The 5·a·s²·b term is the attention score matrix, its softmax
-and dropout mask: with ``attention="sdpa"`` (PyTorch SDPA with the flash / memory-efficient
-kernel, what transformers uses by default on GPU) it is not materialised and we drop it;
-``attention="eager"`` keeps it. With full gradient checkpointing (one checkpoint per block, as
-transformers does) each block keeps only its input, 2·s·b·h bytes, and one block is recomputed
-during backward (its full activations once). fp32 activations double everything. The formula
-is for a GPT-style block (4h MLP, dropout); Llama's SwiGLU MLP and no-dropout roughly cancel.
+Activations: what one micro batch saves for backward, derived for Llama/Qwen2 blocks (RMSNorm,
+RoPE, SwiGLU, no dropout) from what autograd saves and checked against
+``saved_tensors_hooks`` within 10% (tests/test_memplan_accuracy.py, in practice ~1%). Per token
+and block, full finetune: each RMSNorm its fp32 input and its normalised input in the compute
+dtype, 2·(4 + w)·h; the inputs of q/k/v and of gate/up, 2·w·h; attention (SDPA, flash or
+memory-efficient) q, k, v and the output, w·d·(2a + 2kv) for head size d and kv heads, and an
+fp32 logsumexp per head; eager attention instead keeps k and v repeated to a heads and the fp32
+softmax output and its w-byte copy, (4 + w)·a·s; SwiGLU four s·i tensors, 4·w·i. That is
+≈ 24·h + 8·i bytes in bf16 for multi-head attention, instead of Korthikanti et al.'s 34·h for
+a GPT block with dropout and a 4h MLP. LoRA on a frozen base: a frozen linear keeps no input,
+so RMSNorm keeps only its fp32 input (4h), SwiGLU three tensors (3·w·i), and each adapter its
+dropout mask (bool on CUDA, w-byte noise on the CPU) and dropped input, (1 or w + w)·in, and
+lora_A's output w·r (without dropout: the input, once per shared input); the first block's input
+needs no gradient without checkpointing (the Trainer makes it require one for checkpointing):
+its input norm and q/k/v masks keep nothing. With full gradient checkpointing (one checkpoint
+per block, as transformers does) each block keeps only its input, w·s·b·h bytes, and one block
+is recomputed during backward (its activations once). The final RMSNorm and lm_head's input
+count here too. Other architectures (Bloom, T5, BERT) keep Korthikanti's 34·s·b·h + 5·a·s²·b
+(eager) per block, scaled by w/2.
 
 Logits and loss (decoder models): the lm_head output s·b·V·w, its fp32 upcast s·b·V·4 for the
-loss, and cross-entropy's log-softmax copy s·b·V·4; in backward the fp32 gradient of the
-logits s·b·V·4.
+loss, and cross-entropy's log-softmax s·b·V·4 (the one of the three saved for backward,
+:func:`saved_logits_bytes`; the other two are transient peaks of the loss); in backward the fp32
+gradient of the logits s·b·V·4.
 
-DeepSpeed buffers: the gradient reduction bucket (``reduce_bucket_size`` 16-bit elements,
-twice with ``overlap_comm``: DeepSpeed double-buffers it), the ZeRO-1/2 all-gather bucket of the
-updated weights after the step (``allgather_bucket_size``) and the ZeRO-3 prefetch bucket
-(``stage3_prefetch_bucket_size``).
+DeepSpeed buffers (w-byte elements, as allocated by DeepSpeed 0.19): ZeRO-1/2 the gradient
+reduction bucket (``reduce_bucket_size``, twice with ``overlap_comm``: double-buffered),
+allocated for backward; the all-gather bucket of the updated weights after the step
+(``allgather_bucket_size``); with offload_optimizer, the device copy of the rank's updated
+16-bit partition and two staging buffers of the largest parameter. ZeRO-3: one reduction bucket,
+allocated with the optimizer and kept throughout, and the prefetch bucket
+(``stage3_prefetch_bucket_size``) of gathered parameters in forward and backward.
 
 Framework overhead: a CUDA context with PyTorch's kernels and cuBLAS workspace
 (:data:`CUDA_CONTEXT`, typically 0.5–0.8 GiB on A100/H100 with CUDA 12 lazy loading) and NCCL's
@@ -81,6 +106,7 @@ HOST_PER_RANK = 3 * GiB
 DEFAULT_REDUCE_BUCKET = 200_000_000        # what hpcjobs/dsconfig.py generates
 DEFAULT_ALLGATHER_BUCKET = 200_000_000
 DEFAULT_PREFETCH_BUCKET = 50_000_000       # DeepSpeed's stage3_prefetch_bucket_size default
+DEFAULT_PERSISTENCE_THRESHOLD = 100_000    # DeepSpeed's stage3_param_persistence_threshold default
 
 COMPONENTS = ("weights", "gradients", "optimizer states", "activations", "logits/loss",
               "DeepSpeed buffers", "framework overhead")
@@ -102,11 +128,13 @@ class TrainSetup:
     gradient_checkpointing: bool = True
     lora_r: Optional[int] = None           # None: full finetune
     lora_targets: Sequence[str] = ()
+    lora_dropout: float = 0.05             # PEFT's dropout before each adapter (finetune's default)
     attention: str = "sdpa"                # sdpa (flash / memory-efficient) or eager
     grad_accum: int = 1
     reduce_bucket_size: int = DEFAULT_REDUCE_BUCKET
     allgather_bucket_size: int = DEFAULT_ALLGATHER_BUCKET
     prefetch_bucket_size: int = DEFAULT_PREFETCH_BUCKET
+    persistence_threshold: int = DEFAULT_PERSISTENCE_THRESHOLD   # ZeRO-3: smaller tensors stay whole
     overlap_comm: bool = True
     accelerator: str = "cuda"              # cpu: no CUDA context / NCCL
 
@@ -170,55 +198,138 @@ def model_states(t: TrainSetup) -> ModelStates:
     N = max(1, t.world_size)
     stage = t.zero_stage
     psi = t.shape.total
-    if t.lora_r is None:
-        T, frozen = psi, 0
-        w_t = w
-        if w == 2:
-            g16, g32, opt = 2, 4, 12     # 16-bit grads, fp32 grad partition, master + m + v
-        else:
-            g16, g32, opt = 4, 0, 8
+    lora = t.lora_r is not None
+    T = t.trainable
+    frozen = psi if lora else 0
+    # bytes per trainable parameter: weights, gradients as reduced, the fp32 gradient the
+    # optimizer steps on, fp32 master + Adam's two moments
+    if stage == 0 and w == 4:
+        g32, opt = 0, 8                  # a plain fp32 optimizer: no copies
     else:
-        T, frozen = t.trainable, psi
-        w_t, g16, g32, opt = 4, 4, 0, 8  # fp32 adapter: weights, grads, m + v
+        # mixed precision, and fp32 under ZeRO too: the ZeRO optimizer always keeps its own fp32
+        # partition (a clone even when the model is fp32) and converts the flattened gradient
+        # partition into a separate fp32 tensor to step on
+        g32, opt = 4, 12
     opt_div = N if stage >= 1 else 1
-    grad_div = N if stage >= 2 else 1
+    grad_div = N if stage >= 1 else 1   # stage 1 reduces into buckets during backward as stage 2 does
     param_div = N if stage == 3 else 1
 
-    weights = (frozen * w + T * w_t) / param_div
-    grads16 = T * g16 / grad_div
+    weights = (frozen + T) * w / param_div
+    grads16 = T * w / grad_div
     grads32 = T * g32 / opt_div
-    optim = T * opt / opt_div
-    gpu_w = weights
-    gpu_g = grads16 + grads32
-    gpu_o = optim
-    host_w = host_g = host_o = 0.0
+    master = T * (4 if opt == 12 else 0) / opt_div
+    adam = T * 8 / opt_div
+    persistent = gathered = grads_gathered = 0.0
     if stage == 3:
-        # the gathered working set: the largest module's 16-bit weights (+ its grads if trained)
-        largest = t.shape.largest_layer
-        gpu_w += largest * w
-        gpu_g += largest * w if t.lora_r is None else 0
-    if t.offload_optimizer == "cpu":
-        # ZeRO-Offload: fp32 grads (or the partitioned grads) and optimizer states on the host;
-        # the GPU keeps 16-bit grads only in the reduction buckets (and ZeRO-3's working set).
-        host_o, gpu_o = optim, 0.0
-        host_g = grads32 if g32 else grads16
-        gpu_g -= grads16 + grads32
+        # tensors under the persistence threshold stay whole on every rank (besides their
+        # partition), and one module at a time is gathered: DeepSpeed's "largest layer"
+        small = t.shape.persistent_params(t.persistence_threshold)
+        if lora:
+            small += sum(n * c for n, c in t.shape.lora_tensors(t.lora_r, list(t.lora_targets))
+                         if n < t.persistence_threshold)
+        persistent = small * w
+        gathered = t.shape.largest_layer * w
+        trained = t.shape.lora_tensors(t.lora_r, list(t.lora_targets)) if lora else t.shape.tensors
+        grads_gathered = max([n for n, _ in trained] + [0]) * w
+    gpu_w = weights + persistent + gathered
+    # the fp32 gradient exists only inside the step, the gathered full-size gradient only in
+    # backward: ZeRO-3 needs the larger of the two, not both
+    gpu_g = grads16 + (max(grads32, grads_gathered) if stage == 3 else grads32)
+    gpu_o = master + adam
+    host_w = host_g = host_o = 0.0
+    if t.offload_optimizer == "cpu" and stage >= 1:
+        # ZeRO-Offload: master weights, moments and the fp32 gradients live on the host; ZeRO-1/2
+        # reduce straight from the bucket into them, ZeRO-3 keeps its 16-bit gradient
+        # partition on the host as well. The device keeps the buckets (buffers) and, under
+        # ZeRO-3, the gathered gradient of one module during backward.
+        host_o, gpu_o = master + adam, 0.0
+        host_g = grads32 + (grads16 if stage == 3 else 0)
+        gpu_g = grads_gathered
     if t.offload_param == "cpu" and stage == 3:
         host_w = weights
         gpu_w -= weights
-    return ModelStates(int(gpu_w), int(gpu_g), int(gpu_o), int(host_w), int(host_g), int(host_o))
+    bd = {"weights": weights, "persistent": persistent, "gathered": gathered, "grads16": grads16,
+          "grads32": grads32, "grads_gathered": grads_gathered, "master": master, "adam": adam}
+    return ModelStates(int(gpu_w), int(gpu_g), int(gpu_o), int(host_w), int(host_g), int(host_o),
+                       {k: int(v) for k, v in bd.items()})
+
+
+def _llama_block_per_token(t: TrainSetup) -> float:
+    """Bytes one Llama/Qwen2 block saves for backward per token (derived from what autograd saves;
+    see the module docstring and tests/test_memplan_accuracy.py)."""
+    sh, w, s = t.shape, _w(t.precision), t.seq_len
+    h, a, kv, hd, i = sh.hidden, sh.heads, sh.kv_heads, sh.head_dim, sh.intermediate
+    if t.attention == "eager":
+        # q, k and v repeated to all heads, the output; fp32 softmax output and its cast to w
+        attn = w * hd * 4 * a + (4 + (w if w != 4 else 0)) * a * s
+    else:
+        attn = w * hd * (2 * a + 2 * kv) + 4 * a          # q, k, v, output; fp32 logsumexp
+    rsqrt = 2 * 4
+    if t.lora_r is None:
+        # 2 RMSNorms: fp32 input + normalised input in w; the inputs of q/k/v and of gate/up;
+        # SwiGLU: gate output, SiLU output, up output, their product (down's input)
+        return 2 * (4 + w) * h + 2 * w * h + attn + 4 * w * i + rsqrt
+    # frozen base: a frozen linear keeps no input; RMSNorm keeps only its fp32 input, SwiGLU
+    # three of its four tensors (down's input only if down is adapted, below)
+    r = t.lora_r
+    targets = list(t.lora_targets)
+    ins = {name: i_ for name, i_, _, _ in sh.linears if name != "lm_head"}
+    adapted = [n for n in ins if any(_target(n, x) for x in targets)]
+    mask = 1 if t.accelerator == "cuda" else w     # dropout mask: bool on CUDA, w-byte noise on CPU
+    if t.lora_dropout > 0:
+        lora = sum((mask + w) * ins[n] for n in adapted)   # mask and dropped input, per adapter
+    else:                                                  # the shared input, once per group
+        groups = {"qkv" if n in ("q_proj", "k_proj", "v_proj") else "gu" if n in ("gate_proj", "up_proj") else n
+                  for n in adapted}
+        lora = sum(w * (h if g in ("qkv", "gu") else ins[g]) for g in groups)
+    lora += w * r * len(adapted)                           # lora_A's output
+    return 2 * 4 * h + attn + 3 * w * i + lora + rsqrt
+
+
+def _target(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
 
 
 def activation_bytes(t: TrainSetup) -> int:
-    """Stored activations of one micro batch (Korthikanti et al. 2022; see the module docstring)."""
+    """What one micro batch saves for backward in the blocks and the final norm / lm_head input
+    (the saved log-softmax of the loss is part of "logits/loss"); see the module docstring."""
     s, b, h, a, L = t.seq_len, t.micro_batch, t.shape.hidden, t.shape.heads, t.shape.layers
-    scale = _w(t.precision) / 2
-    per_layer = s * b * h * 34 + (5 * a * s * s * b if t.attention == "eager" else 0)
-    if t.gradient_checkpointing:
-        total = L * 2 * s * b * h + per_layer
+    w = _w(t.precision)
+    if t.shape.arch in ("llama", "qwen2"):
+        per_layer = s * b * _llama_block_per_token(t)
+        # final RMSNorm (fp32 input, + its w-byte output and lm_head's input when trained)
+        head = s * b * h * (4 + (2 * w if t.lora_r is None else 0))
     else:
-        total = L * per_layer
-    return int(total * scale)
+        # Korthikanti et al.'s GPT block (4h MLP, dropout), for 16-bit activations
+        per_layer = (s * b * h * 34 + (5 * a * s * s * b if t.attention == "eager" else 0)) * w / 2
+        head = 0
+    if t.gradient_checkpointing:
+        # every block keeps its input; during backward one block is recomputed at a time
+        total = L * w * s * b * h + per_layer
+    else:
+        total = L * per_layer - s * b * _first_block_savings(t)
+    return int(total + head)
+
+
+def _first_block_savings(t: TrainSetup) -> float:
+    """LoRA without checkpointing: the first block's input does not require grad (the embedding
+    is frozen; the HF Trainer makes it require grad only for checkpointing), so its input
+    RMSNorm keeps nothing, nor do the dropout masks of the adapters on q/k/v; and without any
+    adapter on q/k/v, nothing in its attention needs a gradient."""
+    if t.lora_r is None or t.shape.arch not in ("llama", "qwen2"):
+        return 0.0
+    sh, w = t.shape, _w(t.precision)
+    qkv = [n for n in ("q_proj", "k_proj", "v_proj") if any(_target(n, x) for x in t.lora_targets)]
+    mask = (1 if t.accelerator == "cuda" else w) if t.lora_dropout > 0 else 0
+    saved = 4 * sh.hidden + mask * sh.hidden * len(qkv)
+    if not qkv:
+        saved += w * sh.head_dim * (2 * sh.heads + 2 * sh.kv_heads) + 4 * sh.heads
+    return saved
+
+
+def saved_logits_bytes(t: TrainSetup) -> int:
+    """The fp32 log-softmax cross-entropy keeps for backward (part of "logits/loss" forward)."""
+    return t.seq_len * t.micro_batch * t.shape.vocab * 4 if t.shape.decoder else 0
 
 
 def logits_bytes(t: TrainSetup) -> tuple[int, int]:
@@ -232,13 +343,21 @@ def logits_bytes(t: TrainSetup) -> tuple[int, int]:
 
 
 def buffer_bytes(t: TrainSetup) -> tuple[int, int, int]:
-    """(forward, backward, step) DeepSpeed buffer bytes (16-bit elements)."""
-    reduce = t.reduce_bucket_size * 2 * (2 if t.overlap_comm else 1)
+    """(forward, backward, step) DeepSpeed buffer bytes (elements of the compute dtype)."""
+    w = _w(t.precision)
     if t.zero_stage == 3:
-        prefetch = t.prefetch_bucket_size * 2
-        return prefetch, reduce + prefetch, 0
-    allgather = t.allgather_bucket_size * 2 if t.zero_stage in (1, 2) else 0
-    return 0, reduce, allgather
+        # one reduction bucket, allocated with the optimizer and kept; the prefetch bucket
+        reduce = t.reduce_bucket_size * w
+        prefetch = t.prefetch_bucket_size * w
+        return reduce + prefetch, reduce + prefetch, reduce
+    reduce = t.reduce_bucket_size * w * (2 if t.overlap_comm else 1)
+    allgather = t.allgather_bucket_size * w if t.zero_stage in (1, 2) else 0
+    staging = 0
+    if t.offload_optimizer == "cpu" and t.zero_stage in (1, 2):
+        # the device copy of this rank's updated 16-bit partition, and two staging buffers of
+        # the largest parameter for gradients on their way to the host
+        staging = int(t.trainable * w / max(1, t.world_size)) + 2 * t.shape.largest_layer * w
+    return staging, reduce + staging, allgather + staging
 
 
 def overhead_bytes(t: TrainSetup) -> int:

@@ -43,6 +43,9 @@ class ModelShape:
     # Linear layers per block: (name, in_features, out_features, count over the whole model).
     linears: List[Tuple[str, int, int, int]] = field(default_factory=list)
     decoder: bool = True            # has a vocabulary-sized output (logits)
+    # Every parameter tensor: (elements, how many such tensors); sums to ``total``. ZeRO-3 keeps
+    # tensors below its persistence threshold whole on every rank (:meth:`persistent_params`).
+    tensors: List[Tuple[int, int]] = field(default_factory=list)
 
     def lora_params(self, r: int, targets: List[str]) -> int:
         """Trainable parameters PEFT's LoRA adds: r*(in+out) per targeted linear (lora_A, lora_B).
@@ -55,6 +58,19 @@ class ModelShape:
 
     def lora_targets_found(self, targets: List[str]) -> List[str]:
         return [t for t in targets if any(_matches(name, t) for name, *_ in self.linears)]
+
+    def persistent_params(self, threshold: int) -> int:
+        """Elements in tensors smaller than ``threshold``: what ZeRO-3 does not partition
+        (``stage3_param_persistence_threshold``, DeepSpeed's default 1e5)."""
+        return sum(n * c for n, c in self.tensors if n < threshold)
+
+    def lora_tensors(self, r: int, targets: List[str]) -> List[Tuple[int, int]]:
+        """The adapter's tensors, (elements, count): lora_A (r x in) and lora_B (out x r)."""
+        out: List[Tuple[int, int]] = []
+        for name, i, o, n in self.linears:
+            if any(_matches(name, t) for t in targets):
+                out += [(r * i, n), (r * o, n)]
+        return out
 
     @property
     def largest_layer(self) -> int:
@@ -160,7 +176,13 @@ def _llama(c: Mapping, arch: str, qkv_bias: bool, o_bias: bool, vocab_size: Opti
     linears = [("q_proj", h, q, L), ("k_proj", h, k, L), ("v_proj", h, k, L), ("o_proj", q, h, L),
                ("gate_proj", h, inter, L), ("up_proj", h, inter, L), ("down_proj", inter, h, L),
                ("lm_head", h, V, 1)]
-    return ModelShape(arch, h, L, a, kv, hd, V, inter, total, emb, head, tied, linears)
+    tensors = [(emb, 1), (h * q, L), (h * k, 2 * L), (q * h, L), (h * inter, 2 * L), (inter * h, L),
+               (h, 2 * L + 1)]
+    tensors += [(q, L), (k, 2 * L)] if qkv_bias else []
+    tensors += [(h, L)] if o_bias else []
+    tensors += [(inter, 2 * L), (h, L)] if mlp_bias else []
+    tensors += [(head, 1)] if head else []
+    return ModelShape(arch, h, L, a, kv, hd, V, inter, total, emb, head, tied, linears, tensors=tensors)
 
 
 def _bloom(c: Mapping, vocab_size: Optional[int]) -> ModelShape:
@@ -180,7 +202,11 @@ def _bloom(c: Mapping, vocab_size: Optional[int]) -> ModelShape:
     total = emb + L * per_layer + 2 * h + head
     linears = [("query_key_value", h, 3 * h, L), ("dense", h, h, L),
                ("dense_h_to_4h", h, 4 * h, L), ("dense_4h_to_h", 4 * h, h, L), ("lm_head", h, V, 1)]
-    return ModelShape("bloom", h, L, a, a, h // a, V, 4 * h, total, emb, head, tied, linears)
+    tensors = [(V * h, 1), (h, 2), (h, 2)]                              # embeddings + LN, final LN
+    tensors += [(h, 4 * L), (3 * h * h, L), (3 * h, L), (h * h, L), (h, L), (4 * h * h, 2 * L), (4 * h, L),
+                (h, L)]
+    tensors += [(head, 1)] if head else []
+    return ModelShape("bloom", h, L, a, a, h // a, V, 4 * h, total, emb, head, tied, linears, tensors=tensors)
 
 
 def _t5(c: Mapping, vocab_size: Optional[int]) -> ModelShape:
@@ -207,7 +233,10 @@ def _t5(c: Mapping, vocab_size: Optional[int]) -> ModelShape:
                ("o", inner, d, n_attn), ("wo", dff, d, Le + Ld)]
     linears += ([("wi_0", d, dff, Le + Ld), ("wi_1", d, dff, Le + Ld)] if gated else [("wi", d, dff, Le + Ld)])
     linears.append(("lm_head", d, V, 1))
-    return ModelShape("t5", d, Le + Ld, a, a, dkv, V, dff, total, emb, head, tied, linears)
+    n_ff = (3 if gated else 2) * (Le + Ld)
+    tensors = [(emb, 1), (d * inner, 4 * n_attn), (d, n_attn + (Le + Ld) + 2), (d * dff, n_ff),
+               (buckets * a, 2)] + ([(head, 1)] if head else [])
+    return ModelShape("t5", d, Le + Ld, a, a, dkv, V, dff, total, emb, head, tied, linears, tensors=tensors)
 
 
 def _bert(c: Mapping, vocab_size: Optional[int]) -> ModelShape:
@@ -225,7 +254,10 @@ def _bert(c: Mapping, vocab_size: Optional[int]) -> ModelShape:
     total = emb + L * per_layer + pooler
     linears = [("query", h, h, L), ("key", h, h, L), ("value", h, h, L), ("attention.output.dense", h, h, L),
                ("intermediate.dense", h, inter, L), ("output.dense", inter, h, L), ("pooler.dense", h, h, 1)]
-    return ModelShape("bert", h, L, a, a, h // a, V, inter, total, emb, 0, False, linears, decoder=False)
+    tensors = [(V * h, 1), (pos * h, 1), (types * h, 1), (h, 2), (h * h, 4 * L + 1), (h, 4 * L + 1),
+               (h, 4 * L), (h * inter, 2 * L), (inter, L), (h, L)]
+    return ModelShape("bert", h, L, a, a, h // a, V, inter, total, emb, 0, False, linears, decoder=False,
+                      tensors=tensors)
 
 
 # ---------------------------------------------------------------- reading from a directory
