@@ -1,4 +1,5 @@
-"""``hpcjobs plan``: the memory breakdown of every finetune stage of a planned chain.
+"""The memory breakdown of every training stage of a planned chain: ``hpcjobs plan``, and the
+verdict ``render``/``submit`` show, the refusal of a stage that does not fit, ``--force``.
 
 Reads the model's ``config.json`` (or a Meta ``params.json``) from the stage's model
 directory, or, when that directory is made by an upstream stage (convert's output does not
@@ -11,13 +12,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..constraints import _MEM_FACTOR, _MEM_RE
 from ..errors import ConfigError
 from .estimate import (COMPONENTS, HOST_COMPONENTS, MiB, MemoryPlan, TrainSetup, DEFAULT_ALLGATHER_BUCKET,
                        DEFAULT_PREFETCH_BUCKET, DEFAULT_REDUCE_BUCKET, fmt_bytes, phase_components, plan_memory)
 from .params import ModelShape, UnsupportedModel, load_config
+from .search import Limits, Pick, describe, nearest
+
+DEFAULT_MARGIN = 0.10
+"""The planner's margin when profile.gpu_mem_margin is not set: this share of gpu_mem is kept free."""
+AUTO_EXTRA = "memory_auto"
+"""``StagePlan.extra`` key of the planner's ``auto`` choice (a JSON-able dict)."""
 
 
 def slurm_bytes(size: Optional[str]) -> Optional[int]:
@@ -40,6 +47,9 @@ class StageMemory:
     gpu_mem: Optional[int]
     host_mem: Optional[int]
     notes: List[str]
+    margin: int = 0                         # kept free on the GPU by ``auto`` choices
+    auto: Optional[Dict[str, Any]] = None   # the planner's choice: chosen values, why, margin
+    enforced: bool = True                   # submit refuses a stage that does not fit (not on a CPU profile)
 
     @property
     def gpu_fits(self) -> Optional[bool]:
@@ -66,19 +76,26 @@ class StageMemory:
                               "capacity": self.host_mem, "fits": self.host_fits,
                               "headroom": None if self.host_mem is None else self.host_mem - p.host_peak},
             "notes": self.notes,
+            "auto": self.auto,
         }
 
+    @property
+    def refused(self) -> bool:
+        """Predicted not to fit where the capacity is real: ``submit`` refuses it without --force."""
+        return self.enforced and (self.gpu_fits is False or self.host_fits is False)
 
-def _model_config(plan, sp) -> Path:
-    """The directory holding the model's config.json / params.json for finetune stage ``sp``."""
-    model = Path(sp.cfg.model)
-    if (model / "config.json").is_file() or (model / "params.json").is_file():
-        return model
-    for up in plan.stages:   # made by an upstream stage: read what that stage reads
-        out, inp = getattr(up.cfg, "output", None), getattr(up.cfg, "input", None)
-        if up is not sp and out is not None and inp is not None and Path(out) == model:
+
+def _model_config(chain, name: str, model: str) -> Path:
+    """The directory holding the model's config.json / params.json for training stage ``name``."""
+    path = Path(model)
+    if (path / "config.json").is_file() or (path / "params.json").is_file():
+        return path
+    for up in chain.pipeline:   # made by an upstream stage: read what that stage reads
+        cfg = getattr(chain, up)
+        out, inp = getattr(cfg, "output", None), getattr(cfg, "input", None)
+        if up != name and out is not None and inp is not None and Path(out) == path:
             return Path(inp)
-    return model
+    return path
 
 
 def _num(value: Any, default: int) -> int:
@@ -89,49 +106,92 @@ def _device(section: Any) -> str:
     return "cpu" if isinstance(section, dict) and section.get("device") in ("cpu", "nvme") else "none"
 
 
-def stage_memory(plan, sp) -> StageMemory:
-    s = sp.cfg
-    src = _model_config(plan, sp)
+def load_shape(chain, name: str, model: str) -> Tuple[ModelShape, Path]:
+    """The model's shape for stage ``name``; a ConfigError naming ``<name>.model`` when unreadable."""
+    src = _model_config(chain, name, model)
     try:
-        shape, cfg_path = load_config(src)
+        return load_config(src)
     except (UnsupportedModel, OSError, ValueError, TypeError, KeyError, ZeroDivisionError) as e:
         raise ConfigError(f"cannot read the model's configuration for the memory plan: {e}",
-                          key=f"{sp.name}.model", hint="point model.source at a directory with config.json "
+                          key=f"{name}.model", hint="point model.source at a directory with config.json "
                           "or params.json") from e
-    ds = sp.ds_config or {}
+
+
+def train_setup(chain, s, shape: ModelShape, *, world: int, nodes: int, ds: Optional[Dict[str, Any]]) -> TrainSetup:
+    """The TrainSetup of a finetune-like stage: settings ``s`` (concrete values), the DeepSpeed config
+    ``ds`` when there is one (its numbers win: it may be the user's own)."""
+    ds = ds or {}
     zero = ds.get("zero_optimization") or {}
-    notes: List[str] = []
-    targets = list(s.lora.target_modules)
-    missing = [t for t in targets if t not in shape.lora_targets_found(targets)]
-    if missing:
-        notes.append(f"LoRA target(s) {', '.join(missing)} match no {shape.arch} linear layer")
-    world = sp.world_size or sp.nodes * max(1, sp.gpus_per_node)
-    ranks = max(1, world // max(1, sp.nodes))
-    profile = plan.chain.profile
-    setup = TrainSetup(
-        shape=shape, world_size=world, ranks_per_node=ranks,
+    profile = chain.profile
+    return TrainSetup(
+        shape=shape, world_size=world, ranks_per_node=max(1, world // max(1, nodes)),
         micro_batch=_num(ds.get("train_micro_batch_size_per_gpu"), s.micro_batch_size),
         grad_accum=_num(ds.get("gradient_accumulation_steps"), s.grad_accum),
         seq_len=s.max_seq_length, precision=s.precision if s.precision != "auto" else profile.precision,
         zero_stage=_num(zero.get("stage"), s.zero_stage),
-        offload_optimizer=_device(zero.get("offload_optimizer")), offload_param=_device(zero.get("offload_param")),
+        offload_optimizer=_device(zero.get("offload_optimizer")) if ds else s.offload_optimizer,
+        offload_param=_device(zero.get("offload_param")) if ds else s.offload_param,
         gradient_checkpointing=bool(s.gradient_checkpointing),
-        lora_r=s.lora.r, lora_targets=targets,
+        lora_r=s.lora.r if getattr(s.lora, "enabled", True) else None,   # lora.enabled=false: full finetune
+        lora_targets=list(s.lora.target_modules),
         reduce_bucket_size=_num(zero.get("reduce_bucket_size"), DEFAULT_REDUCE_BUCKET),
         allgather_bucket_size=_num(zero.get("allgather_bucket_size"), DEFAULT_ALLGATHER_BUCKET),
         prefetch_bucket_size=_num(zero.get("stage3_prefetch_bucket_size"), DEFAULT_PREFETCH_BUCKET),
         overlap_comm=bool(zero.get("overlap_comm", True)),
         accelerator=profile.accelerator,
     )
-    gpu_mem = slurm_bytes(profile.gpu_mem)
-    host_mem = slurm_bytes(sp.mem) or slurm_bytes(profile.mem_per_node)
-    if gpu_mem is None:
+
+
+def limits(chain, mem: Optional[str]) -> Limits:
+    """The profile's GPU memory, the planner's margin on it (profile.gpu_mem_margin, default 10%), and
+    the host memory of a node (the stage's --mem, else the profile's mem_per_node)."""
+    profile = chain.profile
+    gpu = slurm_bytes(profile.gpu_mem)
+    margin = slurm_bytes(profile.gpu_mem_margin)
+    if margin is None:
+        margin = int(gpu * DEFAULT_MARGIN) if gpu is not None else 0
+    return Limits(gpu, margin, slurm_bytes(mem) or slurm_bytes(profile.mem_per_node))
+
+
+def stage_memory(plan, sp) -> StageMemory:
+    """The memory plan of a planned finetune-like stage (its ``auto`` values already chosen)."""
+    s = sp.cfg
+    shape, cfg_path = load_shape(plan.chain, sp.name, s.model)
+    notes: List[str] = []
+    targets = list(s.lora.target_modules)
+    missing = [t for t in targets if t not in shape.lora_targets_found(targets)]
+    if missing and getattr(s.lora, "enabled", True):
+        notes.append(f"LoRA target(s) {', '.join(missing)} match no {shape.arch} linear layer")
+    world = sp.world_size or sp.nodes * max(1, sp.gpus_per_node)
+    setup = train_setup(plan.chain, s, shape, world=world, nodes=sp.nodes, ds=sp.ds_config)
+    lim = limits(plan.chain, sp.mem)
+    if lim.gpu is None:
         notes.append(f"profile {plan.profile} has no gpu_mem: set profile.gpu_mem (e.g. 80G) to compare")
-    return StageMemory(sp.name, cfg_path, shape, plan_memory(setup), gpu_mem, host_mem, notes)
+    enforced = plan.chain.profile.accelerator != "cpu"
+    if not enforced and lim.gpu is not None:
+        notes.append(f"profile {plan.profile} trains on the CPU: its gpu_mem is a stand-in, not enforced")
+    return StageMemory(sp.name, cfg_path, shape, plan_memory(setup), lim.gpu, lim.host, notes,
+                       margin=lim.margin, auto=sp.extra.get(AUTO_EXTRA), enforced=enforced)
 
 
-def plan_chain(plan) -> List[StageMemory]:
-    return [stage_memory(plan, sp) for sp in plan.stages if sp.kind == "finetune"]
+def plan_chain(plan, *, strict: bool = True) -> List[StageMemory]:
+    """The memory plan of every stage whose kind predicts one (:meth:`StageKind.memory`).
+
+    ``strict=False`` (render, submit): a stage whose prediction is impossible (no readable model
+    configuration) is left out instead of raising."""
+    from .. import stages
+
+    out: List[StageMemory] = []
+    for sp in plan.stages:
+        try:
+            sm = stages.get(sp.kind).memory(plan, sp)
+        except ConfigError:
+            if strict:
+                raise
+            continue
+        if sm is not None:
+            out.append(sm)
+    return out
 
 
 def _verdict(peak: int, cap: Optional[int], what: str) -> str:
@@ -143,22 +203,48 @@ def _verdict(peak: int, cap: Optional[int], what: str) -> str:
     return f"{what}: {fmt_bytes(peak)} of {fmt_bytes(cap)}: DOES NOT FIT, short by {fmt_bytes(-room)}"
 
 
-def print_report(stages: List[StageMemory], profile: str) -> None:
-    from ..display import _console, _table
+def _console(stderr: bool):
+    from ..display import _PIPE_WIDTH, _console as stdout_console
 
-    con = _console()
+    if not stderr:
+        return stdout_console()
+    from rich.console import Console
+
+    con = Console(stderr=True, highlight=False, soft_wrap=False, emoji=False)
+    if not con.is_terminal:
+        con.width = _PIPE_WIDTH
+    return con
+
+
+def auto_line(sm: StageMemory) -> Optional[str]:
+    """The planner's ``auto`` choice and why, in one line; None when nothing was auto."""
+    if not sm.auto:
+        return None
+    line = f"auto chose {describe(sm.auto['chosen'])}: {sm.auto['why']}"
+    if sm.auto.get("rejected"):
+        line += f"; tried first: {'; '.join(sm.auto['rejected'])}"
+    return line
+
+
+def print_report(stages: List[StageMemory], profile: str, *, stderr: bool = False) -> None:
+    from ..display import _table
+
+    con = _console(stderr)
     if not stages:
-        con.print("no finetune stage in this chain: nothing to plan")
+        con.print("no training stage in this chain: nothing to plan")
         return
     for sm in stages:
         t, p = sm.plan.setup, sm.plan
         con.print(f"[bold]{sm.stage}[/bold]: {sm.shape.arch}, {sm.shape.total:,} parameters "
                   f"({sm.config_path}), {t.trainable:,} trainable "
-                  f"(LoRA r={t.lora_r} on {', '.join(t.lora_targets)})")
+                  + (f"(LoRA r={t.lora_r} on {', '.join(t.lora_targets)})" if t.lora_r is not None
+                     else "(full finetune)"), markup=True)
         con.print(f"  world size {t.world_size} ({t.ranks_per_node} per node), micro batch {t.micro_batch}, "
                   f"sequence {t.seq_len}, {t.precision}, ZeRO-{t.zero_stage}, offload optimizer "
                   f"{t.offload_optimizer} / params {t.offload_param}, gradient checkpointing "
                   f"{'on' if t.gradient_checkpointing else 'off'}, vocabulary {sm.shape.vocab:,}")
+        if sm.auto:
+            con.print(f"  {auto_line(sm)}", markup=False)
         table = _table("per GPU rank", *p.phases.keys())
         comps = phase_components(t)
         for c in COMPONENTS:
@@ -172,5 +258,65 @@ def print_report(stages: List[StageMemory], profile: str) -> None:
         con.print(host)
         con.print("  " + _verdict(p.host_peak, sm.host_mem, f"host peak ({p.host_phase}) per node"))
         for n in sm.notes:
-            con.print(f"  note: {n}")
+            con.print(f"  note: {n}", markup=False)
         con.print("")
+
+
+# ---------------------------------------------------------------- render and submit
+
+def verdict_lines(sm: StageMemory) -> List[str]:
+    """The compact verdict render and submit print: peak against capacity, the auto choice, notes."""
+    p = sm.plan
+    lines = [f"memory {sm.stage}: " + _verdict(p.gpu_peak, sm.gpu_mem, "GPU peak per rank"),
+             f"memory {sm.stage}: " + _verdict(p.host_peak, sm.host_mem, "host peak per node")]
+    line = auto_line(sm)
+    if line:
+        lines.append(f"memory {sm.stage}: {line}")
+    lines += [f"memory {sm.stage}: note: {n}" for n in sm.notes]
+    return lines
+
+
+def nearest_fits(sm: StageMemory) -> List[Pick]:
+    """Setups close to the stage's that the planner predicts to fit (with its margin)."""
+    return nearest(sm.plan.setup, Limits(sm.gpu_mem, sm.margin, sm.host_mem))
+
+
+def _shortfall(sm: StageMemory) -> str:
+    p, parts = sm.plan, []
+    if sm.gpu_fits is False:
+        parts.append(f"GPU peak {fmt_bytes(p.gpu_peak)} per rank ({p.gpu_phase}) > {fmt_bytes(sm.gpu_mem or 0)}")
+    if sm.host_fits is False:
+        parts.append(f"host peak {fmt_bytes(p.host_peak)} per node ({p.host_phase}) > {fmt_bytes(sm.host_mem or 0)}")
+    return " and ".join(parts)
+
+
+def forced_note(sm: StageMemory) -> str:
+    """What ``--force`` overrode, for the chain record."""
+    return f"--force: predicted not to fit: {_shortfall(sm)}"
+
+
+def refusal(sm: StageMemory) -> ConfigError:
+    """submit's refusal of a stage predicted not to fit: the stage, the shortfall, setups that fit."""
+    picks = nearest_fits(sm)
+    if picks:
+        fits = "; ".join(f"{' '.join(pk.overrides(sm.stage))} (GPU {fmt_bytes(pk.plan.gpu_peak)})" for pk in picks)
+        hint = f"setups predicted to fit: {fits}; or --force to submit anyway"
+    else:
+        hint = "no nearby setup is predicted to fit (more nodes?); --force submits anyway"
+    return ConfigError(f"stage {sm.stage} is predicted not to fit: {_shortfall(sm)} (breakdown above; "
+                       "`hpcjobs plan` shows it too)", hint=hint)
+
+
+def check_memory(plan, *, force: bool, warn, only: Optional[set] = None) -> None:
+    """Refuse a training stage predicted not to fit (its breakdown on stderr, then the error); with
+    ``force``, note it on the stage's plan (``sp.extra["forced"]``, which the record keeps), say so
+    through ``warn`` and go on. ``only``: the stages to check (a rerun's)."""
+    refused = [sm for sm in plan_chain(plan, strict=False) if sm.refused and (only is None or sm.stage in only)]
+    if not refused:
+        return
+    if not force:
+        print_report(refused, plan.profile, stderr=True)
+        raise refusal(refused[0])
+    for sm in refused:
+        plan.stage(sm.stage).extra["forced"] = note = forced_note(sm)
+        warn(f"warning: stage {sm.stage}: {note}; submitting anyway")
