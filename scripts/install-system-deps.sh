@@ -19,7 +19,9 @@ slurm-wlm-mysql-plugin
 munge
 mariadb-server-core
 mariadb-client-core
+chromium
 "
+# chromium: the tests open `hpcjobs report` pages in it (headless).
 # Also used, but Priority: required on every Debian system: util-linux
 # (unshare), mount, hostname.
 
