@@ -1,0 +1,149 @@
+"""``prepare``: tokenize and format the data set once, on CPU (job side: :mod:`hpcjobs.train.prepare`).
+
+The finetune and evaluate stages load what it writes (``datasets`` on disk in the run
+directory) instead of every rank tokenizing the whole data set. What the login node can
+check is checked before submission: the templates' columns, and for files whose rows can be
+counted cheaply, that no split comes out empty.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from ..constraints import number, text_template
+from ..errors import HpcjobsError
+from ..schema import StageCfg
+from . import register
+from .base import StageKind, plain, to_json
+
+# Counting the rows of a JSON-lines/CSV file reads it; above this the prepare job does it.
+_COUNT_LIMIT = 256 * 1024 * 1024
+
+
+@dataclass
+class PrepareStage(StageCfg):
+    tokenizer: str = "${model.source}"
+    """Hugging Face model or tokenizer directory, or a Meta checkpoint (its tokenizer.model is
+    turned into the tokenizer convert writes, so prepare need not wait for convert)."""
+    output: str = "${run.dir}/prepared"
+    prompt: Optional[str] = text_template(None)
+    """Template of the prompt, e.g. ``"{input}\\n"``; None: whole texts from data.template, every token trained."""
+    response: Optional[str] = text_template(None)
+    """Template of the response, e.g. ``"{target}"`` (a column is ``{column}``); needed with ``prompt``."""
+    train_on_inputs: bool = False
+    """With ``prompt``: compute the loss on the prompt tokens too (else their labels are -100)."""
+    max_seq_length: int = number(512, ge=1)
+    """Examples are cut to this many tokens (prompt, response and EOS)."""
+
+
+def _fields(template: Optional[str]) -> List[str]:
+    from ..datacheck import template_fields
+
+    return template_fields(template) if template else []
+
+
+def split_sizes(rows: int, split) -> dict:
+    """Rows of train/test/eval as :func:`hpcjobs.train.data.split_dataset` makes them
+    (``datasets``' train_test_split: ``ceil`` of the held-out fraction)."""
+    train, test, ev = (float(x) for x in split)
+    total = train + test + ev
+    held_out = round((test + ev) / total, 12)
+    eval_part = round(ev / (test + ev), 12) if test + ev > 0 else 0.0
+    n_held = math.ceil(held_out * rows)
+    rest = n_held
+    if eval_part <= 0:
+        n_test, n_eval = rest, 0
+    elif eval_part >= 1:
+        n_test, n_eval = 0, rest
+    elif rest < 2:
+        n_test, n_eval = rest, 0
+    else:
+        n_eval = math.ceil(eval_part * rest)
+        n_test = rest - n_eval
+    return {"train": rows - n_held, "test": n_test, "eval": n_eval}
+
+
+def count_rows(path: Path, fmt: str, known: Optional[int]) -> Optional[int]:
+    """Rows of the data set, when cheap: parquet's footer, else a line count of a small file."""
+    if known is not None:
+        return known
+    if fmt not in ("jsonl", "csv") or os.path.getsize(path) > _COUNT_LIMIT:
+        return None
+    with open(path, "rb") as f:
+        lines = sum(1 for line in f if line.strip())
+    return lines - 1 if fmt == "csv" else lines  # a CSV header is a line, not a row (no quoted newlines assumed)
+
+
+class Prepare(StageKind):
+    name = "prepare"
+    summary = "tokenize and format the data set once, on CPU (HF datasets on disk in the run directory)"
+    settings = PrepareStage
+    entry_point = "hpcjobs.train.prepare"
+    sections = ("model", "data")
+    path_keys = ("tokenizer", "output")
+
+    def plan(self, ctx):
+        s = ctx.sp.cfg
+        if (s.prompt is None) != (s.response is None):
+            key = "response" if s.response is None else "prompt"
+            raise ctx.error(key, "prompt and response are set together (or neither: whole texts from "
+                            "data.template)")
+        return [], []
+
+    def preflight(self, plan, sp, composed, produced):
+        from ..datacheck import check_dataset
+
+        s, name = sp.cfg, sp.name
+        tok = Path(s.tokenizer)
+        if s.tokenizer not in produced:
+            if not tok.is_dir():
+                raise composed.error(f"{name}.tokenizer", f"{tok} is not a directory")
+            names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+            if not any((d / n).is_file() for d in (tok, tok.parent) for n in names):
+                raise composed.error(f"{name}.tokenizer", f"{tok} has no tokenizer (tokenizer.json, "
+                                     "tokenizer_config.json or a Meta tokenizer.model)")
+        data = plan.chain.data
+        templates = [("prompt", s.prompt), ("response", s.response)] if s.prompt is not None else \
+            [("data.template", data.template)]
+        try:
+            info = check_dataset(data.path, [])
+        except HpcjobsError as e:
+            raise composed.error("data.path", e.message) from None
+        for key, template in templates:
+            try:
+                fields = _fields(template)
+            except HpcjobsError as e:
+                raise composed.error(key if "." in key else f"{name}.{key}", e.message) from None
+            missing = [f for f in fields if f not in info["columns"]]
+            if missing:
+                raise composed.error(key if "." in key else f"{name}.{key}",
+                                     f"{template!r} names column(s) {', '.join(repr(m) for m in missing)} that "
+                                     f"{data.path} does not have; found: "
+                                     f"{', '.join(repr(c) for c in info['columns'])}")
+        rows = count_rows(Path(data.path), info["format"], info["rows"])
+        if rows is not None and len(data.split) == 3 and sum(data.split) > 0:
+            sizes = split_sizes(rows, data.split)
+            empty = [k for k, frac in zip(("train", "test", "eval"), data.split) if frac > 0 and sizes[k] == 0]
+            if empty:
+                shown = ", ".join(f"{k} {v}" for k, v in sizes.items())
+                raise composed.error("data.split", f"{list(data.split)} of the {rows} rows of {data.path} leaves "
+                                     f"the {' and '.join(empty)} split empty ({shown})",
+                                     hint="add rows or change data.split")
+
+    def files(self, plan, sp):
+        s = sp.cfg
+        return {"prepare.json": to_json({
+            "tokenizer": s.tokenizer,
+            "data": plain(plan.chain.data),
+            "prompt": s.prompt,
+            "response": s.response,
+            "train_on_inputs": s.train_on_inputs,
+            "max_seq_length": s.max_seq_length,
+        })}
+
+
+register(Prepare())
