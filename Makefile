@@ -1,6 +1,6 @@
 # hpcjobs developer and demo entry points. Every target installs what it needs.
 #   make test     the whole test suite against the real local Slurm devcluster
-#   make demo     the llama2-lora chain on the devcluster, two nodes, end to end
+#   make demo     the llama2-lora chain on the devcluster, two nodes, end to end (RECIPE=... another)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV   ?= .venv
@@ -10,6 +10,8 @@ HPCJOBS := $(VENV)/bin/hpcjobs
 # torch>=2.0): an open range would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 DEMO_DIR ?= $(CURDIR)/demo
+# make demo RECIPE=qwen2-grpo (or sft-lora, llm-pretrain): any recipe `hpcjobs demo-assets --recipe` knows
+RECIPE ?= llama2-lora
 export HPCJOBS_DEVCLUSTER ?= $(CURDIR)/.devcluster
 
 .PHONY: install system-deps cluster-up cluster-down test test-fast demo bench clean
@@ -39,8 +41,8 @@ test-fast: install
 	$(PY) -m pytest -ra -m "not cluster and not train" $(PYTEST_ARGS)
 
 demo: cluster-up
-	$(HPCJOBS) demo-assets $(DEMO_DIR)
-	$(HPCJOBS) submit llama2-lora --nodes 2 --profile local --config $(DEMO_DIR)/demo.yaml --name demo
+	$(HPCJOBS) demo-assets --recipe $(RECIPE) $(DEMO_DIR)
+	$(HPCJOBS) submit $(RECIPE) --nodes 2 --profile local --config $(DEMO_DIR)/demo.yaml --name demo
 	$(HPCJOBS) watch demo
 
 bench: install

@@ -134,7 +134,8 @@ def render(recipe, nodes, profile, name, config_files, hostfile, include, exclud
     rendered = rendering.render(plan)
     if as_json:
         click.echo(json.dumps(_plan_json(rendered), indent=2))
-    elif out:
+        return
+    if out:
         if (Path(out) / "chain.json").exists():
             raise HpcjobsError(f"{out} holds a submitted chain; choose another --out directory")
         written = rendering.write_tree(rendered, Path(out).absolute())
@@ -144,6 +145,16 @@ def render(recipe, nodes, profile, name, config_files, hostfile, include, exclud
         click.echo(f"submit by hand with: bash {Path(out) / 'submit.sh'}   (or use `hpcjobs submit`)")
     else:
         _print_rendered(rendered)
+    _print_memory(plan)
+
+
+def _print_memory(plan) -> None:
+    """The memory planner's verdict on each training stage (render and submit)."""
+    from .memplan import report
+
+    for sm in report.plan_chain(plan, strict=False):
+        for line in report.verdict_lines(sm):
+            click.echo(line)
 
 
 def _print_rendered(rendered) -> None:
@@ -163,7 +174,14 @@ def _plan_json(rendered) -> dict:
                     "sbatch": {k: v for k, v in sp.sbatch.items() if v is not None},
                     "script": str(st.script_path), "files": st.files}
                    for sp, st in zip(plan.stages, rendered.stages)],
+        "memory": _memory_json(plan),
     }
+
+
+def _memory_json(plan) -> list:
+    from .memplan import report
+
+    return [sm.to_json() for sm in report.plan_chain(plan, strict=False)]
 
 
 @cli.command("plan", epilog=EPILOG_OVERRIDES)
@@ -176,7 +194,10 @@ def plan_memory(recipe, nodes, profile, name, config_files, hostfile, include, e
     (or a Meta params.json) gives the exact parameter count. Shows weights,
     gradients, optimizer states, activations, logits/loss, DeepSpeed buffers
     and CUDA/NCCL overhead, the phase of the peak, and whether it fits the
-    profile's gpu_mem and mem_per_node.
+    profile's gpu_mem and mem_per_node. Settings set to `auto`
+    (finetune.micro_batch_size, zero_stage, gradient_checkpointing,
+    offload_optimizer) show the planner's choice and why; `submit` refuses a
+    stage that does not fit unless --force.
     """
     from .memplan import report
 
@@ -190,17 +211,21 @@ def plan_memory(recipe, nodes, profile, name, config_files, hostfile, include, e
 
 @cli.command(epilog=EPILOG_OVERRIDES)
 @chain_options
-@click.option("--json", "as_json", is_flag=True, help='Print {"chain": ..., "jobs": {stage: job_id}}.')
-def submit(recipe, nodes, profile, name, config_files, hostfile, include, exclude, overrides, as_json):
+@click.option("--json", "as_json", is_flag=True, help='Print {"chain": ..., "jobs": {stage: job_id}, "memory": [...]}.')
+@click.option("--force", is_flag=True,
+              help="Submit even a stage the memory planner predicts not to fit (the record says so).")
+def submit(recipe, nodes, profile, name, config_files, hostfile, include, exclude, overrides, as_json, force):
     """Render, check and submit every stage as a dependent Slurm job.
 
     Stage N+1 waits for its upstream stages with --dependency=afterok. Input
     files, the partition's size and every setting are checked before the first
     sbatch; if a submission fails partway, the jobs already submitted are
-    cancelled.
+    cancelled. A training stage predicted not to fit in GPU (or host) memory
+    is refused with its breakdown and setups that would fit (`hpcjobs plan`);
+    --force submits it anyway.
     """
     composed, plan = _plan(recipe, nodes, profile, name, config_files, hostfile, include, exclude, overrides)
-    _submit_plan(composed, plan, as_json)
+    _submit_plan(composed, plan, as_json, force=force)
 
 
 def _dry_run_or_submit(composed, plan, dry_run: bool, as_json: bool) -> None:
@@ -215,20 +240,24 @@ def _dry_run_or_submit(composed, plan, dry_run: bool, as_json: bool) -> None:
     _submit_plan(composed, plan, as_json)
 
 
-def _submit_plan(composed, plan, as_json: bool) -> None:
+def _submit_plan(composed, plan, as_json: bool, force: bool = False) -> None:
     from . import preflight
+    from .memplan import report
     from . import render as rendering
     from . import submit as submitting
     from .slurm import Slurm
 
     preflight.check_inputs(plan, composed)
+    report.check_memory(plan, force=force, warn=_echo_err)
     slurm = Slurm(plan.chain.profile.slurm_conf)
     preflight.check_cluster(plan, composed, slurm)
     record = submitting.submit(rendering.render(plan), slurm)
     jobs = {s.name: s.current.job_id for s in record.stages}
     if as_json:
-        click.echo(json.dumps({"chain": record.chain_id, "jobs": jobs, "run_dir": record.run_dir}))
+        click.echo(json.dumps({"chain": record.chain_id, "jobs": jobs, "run_dir": record.run_dir,
+                               "memory": _memory_json(plan)}))
         return
+    _print_memory(plan)
     click.echo(f"submitted chain {record.chain_id} ({len(jobs)} jobs)")
     width = max(len(n) for n in jobs)
     for st in record.stages:
@@ -363,7 +392,8 @@ def status(chain, as_json):
 
     CHAIN is a chain id, a chain name (its latest chain), a unique id prefix or
     a run directory; default: the most recent chain. A failed stage shows the
-    end of its log.
+    end of its log. A training stage shows its progress and its memory,
+    predicted (memory_plan.json) against measured per rank (memory_measured.json).
     """
     from . import records, status as st
 
@@ -411,14 +441,28 @@ def watch(chain, interval):
     """Follow a chain live until it ends: states, elapsed times, training progress.
 
     The finetune stage shows step/total, loss, learning rate, throughput and ETA
-    from its trainer log. Each refresh is one squeue and one sacct call. Exits 0
-    when the chain completed, 1 when it failed or was cancelled.
+    from its trainer log. Each refresh is one squeue and one sacct call. At the
+    end it writes the chain's HTML report (`hpcjobs report`) and prints its
+    path. Exits 0 when the chain completed, 1 when it failed or was cancelled.
     """
     from . import display, records
 
     rec = records.find(chain) if chain else _latest()
     final = display.watch(rec, interval)
+    _write_report(records.find(rec.run_dir))   # re-read: a rerun may have changed the record
     sys.exit(0 if final == "COMPLETED" else 1)
+
+
+def _write_report(rec) -> None:
+    """The chain's HTML report, at its end; a failure to write it warns and changes no exit status."""
+    from . import report
+
+    try:
+        click.echo(f"report: {report.write(rec)}")
+    except Exception as e:   # the chain's outcome, not the report, decides watch's exit status
+        if _debug():
+            traceback.print_exc()
+        _echo_err(f"warning: no report written: {type(e).__name__}: {e}")
 
 
 @cli.command()
@@ -444,6 +488,29 @@ def logs(chain, stage, attempt, follow, lines):
     display.logs(rec, stage, attempt, follow=follow, lines=lines)
 
 
+@cli.command()
+@click.argument("chain")
+@click.option("--out", "-o", type=click.Path(), default=None,
+              help="Write the report here (a file, or a directory for report.html). "
+                   "Default: <run dir>/report.html.")
+def report(chain, out):
+    """Write one self-contained HTML report of a chain, running or finished; prints its path.
+
+    \b
+    Timeline of every stage and attempt (queue wait, runs, requeues, reruns),
+    training curves against the global step (loss, eval loss, learning rate,
+    grad norm, throughput, reward), resources from accounting (elapsed,
+    nodes x GPUs, GPU-hours, CPU time, peak host memory, peak GPU memory
+    predicted vs measured), the evaluation's metrics and samples, what changed
+    between attempts, the resolved configuration, and links to each attempt's
+    log and scripts. The file loads nothing from the network: open it anywhere.
+    """
+    from . import records, report as reports
+
+    rec = records.find(chain)
+    click.echo(str(reports.write(rec, Path(out) if out else None)))
+
+
 EPILOG_RERUN = """\b
 Overrides are KEY=VALUE pairs merged over the layers the chain was submitted
 with (<run dir>/layers.yaml), so values linked with ${...} follow them
@@ -460,10 +527,12 @@ with (<run dir>/layers.yaml), so values linked with ${...} follow them
               help="Finetune starts over instead of resuming from its latest checkpoint "
                    "(the old checkpoints are moved aside, not deleted).")
 @click.option("--dry-run", is_flag=True, help="Check and show what would change and run; submit nothing.")
+@click.option("--force", is_flag=True,
+              help="Rerun even a stage the memory planner predicts not to fit (the record says so).")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"chain", "jobs": {stage: job_id}, "stages", "changes"}.')
 @click.argument("overrides", nargs=-1)
-def rerun(chain, from_stage, fresh, dry_run, as_json, overrides):
+def rerun(chain, from_stage, fresh, dry_run, force, as_json, overrides):
     """Resubmit the failed stage (or --from STAGE) and every stage after it.
 
     Completed stages are not run again. Each rerun stage gets a new attempt
@@ -477,13 +546,15 @@ def rerun(chain, from_stage, fresh, dry_run, as_json, overrides):
     files, the partition's size), and prints which resolved values change.
     Changing a setting of a completed stage that is not rerun is refused.
     Rerunning finetune resumes from its latest checkpoint unless --fresh.
+    A stage predicted not to fit in memory is refused as `submit` refuses it.
     Downstream jobs still waiting on the failed one are cancelled and replaced.
     """
     from . import records
     from . import rerun as reruns
 
     rec = records.find(chain)
-    rp = reruns.rerun(rec, from_stage=from_stage, overrides=overrides, fresh=fresh, dry_run=dry_run)
+    rp = reruns.rerun(rec, from_stage=from_stage, overrides=overrides, fresh=fresh, dry_run=dry_run,
+                      force=force)
     changes = [{"key": k, "old": o, "new": n} for k, o, n in rp.changes]
     if as_json:
         click.echo(json.dumps({"chain": rec.chain_id, "jobs": rp.job_ids, "stages": rp.stages,
@@ -662,29 +733,26 @@ def devcluster_status(as_json):
 @cli.command("demo-assets")
 @click.argument("outdir", type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True)
-def demo_assets(outdir, seed):
-    """Write a tiny Meta-format Llama-2 checkpoint, a dialogue parquet and prompts.
+@click.option("--recipe", default="llama2-lora", show_default=True,
+              help="whose assets: llama2-lora (a tiny Meta Llama-2 checkpoint, dialogue parquet, prompts) or "
+                   "sft-lora (a tiny Hugging Face Bloom, prompt/response JSON lines); qwen2-grpo: a tiny "
+                   "Qwen2 and TL;DR-style prompts; llm-pretrain: a small repetitive corpus (JSON lines) and tiny "
+                   "size settings")
+def demo_assets(outdir, seed, recipe):
+    """Write a tiny model, a small learnable data set and OUTDIR/demo.yaml for RECIPE's demo.
 
-    Needs the train extra. Also writes OUTDIR/demo.yaml, to pass with --config:
+    Needs the train extra. Nothing is downloaded. Pass demo.yaml with --config:
     hpcjobs submit llama2-lora --nodes 2 --profile local --config OUTDIR/demo.yaml
     """
-    from .train.demo_assets import make_demo_assets
+    from .train import demo_assets as assets
 
+    if recipe not in assets.DEMO_RECIPES:
+        raise click.BadParameter(f"no demo assets for {recipe!r} (known: {', '.join(assets.DEMO_RECIPES)})",
+                                 param_hint="--recipe")
     out = Path(outdir).absolute()
-    made = make_demo_assets(out, seed=seed)
-    demo = out / "demo.yaml"
-    demo.write_text(
-        "# Inputs made by `hpcjobs demo-assets`; small settings for CPU training.\n"
-        f"model:\n  source: {made['checkpoint']}\n"
-        f"data:\n  path: {made['dataset']}\n"
-        f"evaluate:\n  prompts: {made['prompts']}\n  max_new_tokens: 24\n"
-        "finetune:\n  micro_batch_size: 4\n  max_seq_length: 128\n  max_steps: 40\n"
-        "  warmup_steps: 4\n  lr: 5.0e-3\n  logging_steps: 2\n  save_steps: 20\n"
-        "  gradient_checkpointing: false\n"
-    )
+    made = assets.make_for_recipe(recipe, out, seed=seed)
     for k, v in made.items():
         click.echo(f"{k:<11} {v}")
-    click.echo(f"config      {demo}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -80,6 +80,23 @@ class Choice(Constraint):
 
 
 @dataclass(frozen=True)
+class Choices(Choice):
+    """A list whose every item is one of ``values`` (e.g. ``finetune.report_to``)."""
+
+    def problem(self, value: Any) -> Optional[str]:
+        if not isinstance(value, (list, tuple)):
+            return f"must be a list of {_alternatives(self.values).removeprefix('one of ')}, got {value!r}"
+        for item in value:
+            msg = Choice.problem(self, item)
+            if msg is not None:
+                return f"each item {msg}" if msg.startswith("must") else msg
+        return None
+
+    def describe(self) -> str:
+        return f"a list of {_alternatives(self.values).removeprefix('one of ')}"
+
+
+@dataclass(frozen=True)
 class Number(Constraint):
     """A finite number within the bounds given, or one of the special values in ``also``.
 
@@ -189,6 +206,61 @@ class TextTemplate(Constraint):
         return "a text template with plain {column} fields"
 
 
+AUTO = "auto"
+_TRUE, _FALSE = ("true", "yes", "y", "on", "1"), ("false", "no", "n", "off", "0")
+
+
+@dataclass(frozen=True)
+class AutoOr(Constraint):
+    """``auto`` (the memory planner chooses the value when the chain is planned) or a value of
+    type ``base`` that meets ``inner``.
+
+    OmegaConf's typed configs have no union of int and str, so such a field is typed ``Any`` and a
+    command-line value arrives as text; :meth:`convert` turns it into ``base`` with the rules of
+    OmegaConf's IntegerNode/BooleanNode, so ``4``, ``true`` or ``1e20`` mean (and fail) as they
+    did when the key was typed ``int``/``bool``.
+    """
+
+    base: type
+    inner: Optional[Constraint] = None
+
+    def convert(self, value: Any) -> Any:
+        """``value`` as ``base``; ValueError with the message for a value of the wrong type."""
+        if self.base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, int):
+                return value != 0
+            text = str(value).strip().lower()
+            if isinstance(value, str) and text in _TRUE + _FALSE:
+                return text in _TRUE
+            raise ValueError(f"expects true or false, got '{value}'")
+        if self.base is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, str):
+                try:
+                    return int(value)
+                except ValueError:
+                    pass
+            raise ValueError(f"expects an integer, got '{value}'")
+        return value if isinstance(value, str) else str(value)
+
+    def problem(self, value: Any) -> Optional[str]:
+        if value == AUTO:
+            return None
+        try:
+            converted = self.convert(value)
+        except ValueError as e:
+            return f"{e} (or auto)"
+        msg = self.inner.problem(converted) if self.inner is not None else None
+        return f"{msg} (or auto)" if msg else None
+
+    def describe(self) -> str:
+        inner = self.inner.describe() if self.inner is not None else {bool: "true or false"}.get(self.base, "a value")
+        return f"{inner} or auto"
+
+
 # ---------------------------------------------------------------- field helpers for schema.py
 
 def _field(default: Any, default_factory: Any, constraint: Constraint) -> Any:
@@ -204,11 +276,21 @@ def choice(*values: Any, default: Any, unsupported: Optional[Dict[Any, str]] = N
     return _field(default, _NO_DEFAULT, Choice(tuple(values), tuple((unsupported or {}).items())))
 
 
+def choices(*values: Any, default_factory: Any, unsupported: Optional[Dict[Any, str]] = None) -> Any:
+    """A list field whose items must each be one of ``values``."""
+    return _field(_NO_DEFAULT, default_factory, Choices(tuple(values), tuple((unsupported or {}).items())))
+
+
 def number(default: Any = _NO_DEFAULT, *, default_factory: Any = _NO_DEFAULT, ge: Optional[float] = None,
            gt: Optional[float] = None, le: Optional[float] = None, lt: Optional[float] = None,
            also: tuple = (), message: Optional[str] = None) -> Any:
     """A numeric field (or list of numbers) with a range; floats must also be finite."""
     return _field(default, default_factory, Number(ge, gt, le, lt, tuple(also), message))
+
+
+def auto_or(default: Any, base: type, inner: Optional[Constraint] = None) -> Any:
+    """A field (typed ``Any``) holding ``auto`` or a ``base`` value within ``inner``; see :class:`AutoOr`."""
+    return _field(default, _NO_DEFAULT, AutoOr(base, inner))
 
 
 def slurm_mem(default: Optional[str] = None) -> Any:
@@ -288,5 +370,5 @@ def check(composed: Any, chain: Any) -> None:
         raise composed.error(key, msg)
 
 
-__all__ = ["Choice", "Constraint", "Number", "SlurmMem", "TextTemplate", "check", "choice",
-           "constraint_of", "declared", "number", "problems", "slurm_mem", "text_template"]
+__all__ = ["AUTO", "AutoOr", "Choice", "Choices", "Constraint", "Number", "SlurmMem", "TextTemplate", "auto_or", "check",
+           "choice", "choices", "constraint_of", "declared", "number", "problems", "slurm_mem", "text_template"]

@@ -106,7 +106,38 @@ def _status_table(cs: ChainStatus) -> Group:
         prog = stage_progress(cs, s) if s.state in ("RUNNING", "COMPLETED") or s.failed else None
         if prog is not None:
             notes.append(Text(f"{s.name}: {prog.line()}"))
+        if s.memory:
+            notes.append(Text(f"{s.name}: {memory_line(s.memory)}"))
     return Group(table, *notes)
+
+
+def _size(n: Optional[int]) -> str:
+    # memplan's fmt_bytes rounds to whole MiB; a tiny model's states are less than one
+    if n is None:
+        return "?"
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            v = n / scale
+            return f"{v:.2f} {unit}" if unit == "GiB" or v < 10 else f"{v:.0f} {unit}"
+    return f"{n} B"
+
+
+def memory_line(mem: dict) -> str:
+    """"memory: predicted ... measured ..." for a training stage (status.memory_summary)."""
+    parts = []
+    pred, meas = mem.get("predicted"), mem.get("measured")
+    if pred:
+        states = f" (model states {_size(pred['model_states'])})" if pred.get("model_states") else ""
+        parts.append(f"predicted {_size(pred.get('peak_per_rank'))}/rank{states}")
+    if meas:
+        states = f"model states {_size(meas.get('model_state_bytes'))}, peak RSS {_size(meas.get('peak_rss'))}"
+        n = f"max of {meas['ranks']} ranks" if meas.get("ranks", 0) > 1 else "1 rank"
+        if meas.get("max_allocated") is not None:
+            parts.append(f"measured {_size(meas['max_allocated'])}/rank allocated ({meas['device']}, {n}; "
+                         f"reserved {_size(meas.get('max_reserved'))}, {states})")
+        else:
+            parts.append(f"measured ({meas['device']}, {n}): {states}")
+    return "memory: " + ", ".join(parts)
 
 
 def _header(cs: ChainStatus) -> List[str]:
@@ -117,6 +148,8 @@ def _header(cs: ChainStatus) -> List[str]:
     if r.error:
         lines.append(f"[red]{escape(r.error)}[/red]")
     lines += [f"[yellow]warning:[/yellow] {escape(w)}" for w in cs.warnings]
+    lines += [f"[yellow]forced:[/yellow] {escape(st.name)} attempt {st.current.n}: {escape(st.current.forced)}"
+              for st in r.stages if st.current.forced]
     return lines
 
 

@@ -135,6 +135,10 @@ def check_port_free(port: int, host: str = "") -> None:
     import socket
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # As the rendezvous listener itself does (torch's TCPStore sets SO_REUSEADDR): a requeued
+    # job keeps its id and so its port, and the previous run's connections in TIME_WAIT must
+    # not make the probe refuse a port the real listener can take.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
     except OSError as e:

@@ -30,6 +30,11 @@ class Progress:
     eta_seconds: Optional[float]
     event: Optional[str]          # the latest event line
     resumed_from: Optional[int]   # the global step this run started from
+    # GRPO (the grpo stage's lines): mean reward, its std, KL (beta > 0), mean completion length
+    reward: Optional[float] = None
+    reward_std: Optional[float] = None
+    kl: Optional[float] = None
+    completion_length: Optional[float] = None
 
     def line(self) -> str:
         parts = [f"step {self.step}" + (f"/{self.max_steps}" if self.max_steps else "")]
@@ -37,6 +42,13 @@ class Progress:
             parts.append(f"loss {self.loss:.4f}")
         if self.learning_rate is not None:
             parts.append(f"lr {self.learning_rate:.2e}")
+        if self.reward is not None:
+            parts.append(f"reward {self.reward:.3f}" + (f" ± {self.reward_std:.3f}" if self.reward_std is not None
+                                                        else ""))
+        if self.kl is not None:
+            parts.append(f"KL {self.kl:.4f}")
+        if self.completion_length is not None:
+            parts.append(f"completion {self.completion_length:.1f} tokens")
         if self.samples_per_second:
             parts.append(f"{self.samples_per_second:.1f} samples/s")
         elif self.steps_per_second:
@@ -96,7 +108,8 @@ def read(path: Path) -> Optional[Progress]:
     max_steps = last.get("max_steps")
     eta = (max_steps - last["step"]) / rate if rate and max_steps else None
     return Progress(int(last["step"]), max_steps, last.get("loss"), last.get("learning_rate"), rate,
-                    last.get("samples_per_second"), eta, event, resumed or None)
+                    last.get("samples_per_second"), eta, event, resumed or None,
+                    **{k: last.get(k) for k in ("reward", "reward_std", "kl", "completion_length")})
 
 
 # ---------------------------------------------------------------------------- an unmodified HF Trainer's log

@@ -62,6 +62,9 @@ class Attempt:
     submitted: Optional[str] = None
     overrides: List[str] = field(default_factory=list)
     note: str = ""
+    forced: Optional[str] = None
+    """Set when the attempt was submitted with ``--force`` over a refusal: what was overridden
+    (e.g. the memory planner's "does not fit")."""
     extra: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # unknown fields, kept
 
 
@@ -225,7 +228,8 @@ def _attempt_from(where: str, data: Any) -> Attempt:
         raise _Bad(f"{where}.job_id: {job_id!r} is not a Slurm job id")
     return Attempt(n=n, job_id=job_id, submitted=_str(f"{where}.submitted", d.get("submitted"), optional=True),
                    overrides=_str_list(f"{where}.overrides", d.get("overrides", [])),
-                   note=_str(f"{where}.note", d.get("note", "")), extra=_extra(Attempt, d))
+                   note=_str(f"{where}.note", d.get("note", "")),
+                   forced=_str(f"{where}.forced", d.get("forced"), optional=True), extra=_extra(Attempt, d))
 
 
 def _stage_from(where: str, data: Any, earlier: List[str]) -> StageRecord:

@@ -1,6 +1,7 @@
 """Rerunning a chain from its failed stage (or a chosen one), without redoing finished work.
 
-The rerun set is the start stage and every stage downstream of it. Each gets
+The rerun set is the start stage and every stage downstream of it (and an upstream stage of
+those that failed, was cancelled or still waits). Each gets
 a new attempt (its own directory, script, log and overrides); stages outside
 the set are left alone and must have COMPLETED, which is checked from
 accounting or the stage's marker rather than trusted: on Slurm 22.05 an
@@ -15,6 +16,7 @@ replaced by the new attempts, so nothing is left pending.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -24,8 +26,9 @@ import yaml
 from . import catalog, config, preflight, plan as planning, records, render, status
 from . import stages as stage_kinds
 from .errors import HpcjobsError
+from .memplan import report as memory
 from .records import Attempt, ChainRecord
-from .slurm import DONE_STATES, LIVE_STATES, Slurm
+from .slurm import DONE_STATES, FAILED_STATES, LIVE_STATES, Slurm
 from .submit import submit_stages
 
 
@@ -62,6 +65,15 @@ def prepare(cs: status.ChainStatus, start: str) -> Tuple[List[str], List[str]]:
     record = cs.record
     by_name = {s.name: s for s in cs.stages}
     todo = rerun_set(record, start)
+    # Side-by-side stages (llama2-lora's convert and prepare): an upstream stage of the rerun set
+    # that failed or was cancelled on its own, or still waits, runs again too; else the two
+    # could only be rerun each waiting for the other.
+    while True:
+        extra = {up for name in todo for up in record.stage(name).after
+                 if up not in todo and (by_name[up].state in FAILED_STATES or by_name[up].state == "PENDING")}
+        if not extra:
+            break
+        todo = [st.name for st in record.stages if st.name in extra or st.name in todo]
     for name in todo:
         for up in record.stage(name).after:
             if up in todo:
@@ -129,7 +141,7 @@ def _fresh(record: ChainRecord, name: str, cfg: Any) -> Tuple[List[str], List[st
 
 
 def plan_rerun(record: ChainRecord, *, from_stage: Optional[str], overrides: Sequence[str],
-               fresh: bool = False, slurm: Slurm) -> RerunPlan:
+               fresh: bool = False, slurm: Slurm, force: bool = False) -> RerunPlan:
     """Re-plan the chain with ``overrides`` and check it exactly as ``submit`` does. No side effects.
 
     The chain's layers (``layers.yaml``) are merged again with the new overrides on
@@ -153,6 +165,7 @@ def plan_rerun(record: ChainRecord, *, from_stage: Optional[str], overrides: Seq
     attempts = {st.name: st.current.n + (1 if st.name in todo else 0) for st in record.stages}
     the_plan = planning.build(composed, chain_id=record.chain_id, run_dir=run_dir, attempts=attempts)
     preflight.check_inputs(the_plan, composed, only=set(todo))
+    memory.check_memory(the_plan, force=force, only=set(todo), warn=lambda m: print(m, file=sys.stderr))
     preflight.check_cluster(the_plan, composed, slurm, only=set(todo))
     rendered = render.render(the_plan)
 
@@ -173,9 +186,10 @@ def plan_rerun(record: ChainRecord, *, from_stage: Optional[str], overrides: Seq
 
 
 def rerun(record: ChainRecord, *, from_stage: Optional[str], overrides: Sequence[str],
-          fresh: bool = False, slurm: Optional[Slurm] = None, dry_run: bool = False) -> RerunPlan:
+          fresh: bool = False, slurm: Optional[Slurm] = None, dry_run: bool = False,
+          force: bool = False) -> RerunPlan:
     slurm = slurm or Slurm(record.slurm_conf)
-    rp = plan_rerun(record, from_stage=from_stage, overrides=overrides, fresh=fresh, slurm=slurm)
+    rp = plan_rerun(record, from_stage=from_stage, overrides=overrides, fresh=fresh, slurm=slurm, force=force)
     if dry_run:
         return rp
     run_dir = Path(record.run_dir)
@@ -206,7 +220,8 @@ def rerun(record: ChainRecord, *, from_stage: Optional[str], overrides: Sequence
         slurm.cancel(rp.cancel)
     note = f"rerun --from {rp.start}" + (" --fresh" if fresh else "")
     for name in todo:
-        record.stage(name).attempts.append(Attempt(attempts[name], overrides=list(overrides), note=note))
+        record.stage(name).attempts.append(Attempt(attempts[name], overrides=list(overrides), note=note,
+                                                   forced=rendered.plan.stage(name).extra.get("forced")))
     record.submission = "submitting"
     record.error = None
     record.save()

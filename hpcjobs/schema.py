@@ -69,6 +69,17 @@ SCHEDULERS = tuple(s for s in SCHEDULER_TYPES if s not in SCHEDULERS_UNSUPPORTED
 # Schedulers stepped on an evaluation metric: the Trainer refuses them without evaluation.
 SCHEDULERS_NEEDING_EVAL = ("reduce_lr_on_plateau", "greedy")
 
+# The Trainer's report_to integrations: transformers.integrations.INTEGRATION_TO_CALLBACK,
+# transformers 5.24.0 (checked like SCHEDULER_TYPES), and "none". Each needs its package in the
+# jobs' environment (tensorboard is in the train extra); they read their own environment
+# variables (WANDB_MODE, MLFLOW_TRACKING_URI, ...), which reach every rank.
+REPORT_TO_INTEGRATIONS = (
+    "azure_ml", "comet_ml", "mlflow", "neptune", "tensorboard", "trackio", "wandb", "codecarbon",
+    "clearml", "dagshub", "flyte", "dvclive", "swanlab", "kubeflow",
+)
+REPORT_TO = (*REPORT_TO_INTEGRATIONS, "none")
+REPORT_TO_UNSUPPORTED = {"all": "reports to whatever happens to be installed on the nodes; name the integrations"}
+
 # [e.value for e in transformers.training_args.OptimizerNames], transformers 5.24.0 (checked
 # like SCHEDULER_TYPES). Some need extra packages in the jobs' environment (bitsandbytes, ...).
 OPTIMIZER_NAMES = (
@@ -144,6 +155,9 @@ class ProfileCfg:
     """Memory a whole-node stage asks for (``--mem``), e.g. ``1000G``; None: site default."""
     gpu_mem: Optional[str] = slurm_mem(None)
     """Memory of one GPU, e.g. ``80G`` (A800) or ``40G`` (A100), for ``hpcjobs plan``; None: unknown."""
+    gpu_mem_margin: Optional[str] = slurm_mem(None)
+    """GPU memory the planner keeps free when it chooses ``auto`` values (allocator fragmentation,
+    what the prediction leaves out), e.g. ``6G``; None: 10% of gpu_mem."""
     precision: str = choice(*PRECISIONS, default="bf16")
     """Default training/conversion precision on this cluster: bf16, fp16 or fp32."""
     python: str = "python3"

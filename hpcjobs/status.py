@@ -54,6 +54,7 @@ class StageStatus:
     error_line: Optional[str] = None       # the failing rank's exception line, from the log
     rank_exit_code: Optional[int] = None   # the failing rank's exit code, from the log (128+N: signal N)
     rank_signal: Optional[int] = None      # the signal that killed the failing rank, if one did
+    memory: Optional[dict] = None          # predicted vs measured memory (memory_summary), training stages
 
     @property
     def failed(self) -> bool:
@@ -93,6 +94,7 @@ class ChainStatus:
             "run_dir": r.run_dir, "created": r.created, "state": self.state,
             "submission": r.submission, "error": r.error, "accounting": self.accounting,
             "warnings": self.warnings,
+            "forced": {st.name: st.current.forced for st in r.stages if st.current.forced},
             "stages": [asdict(s) for s in self.stages],
         }
 
@@ -237,6 +239,36 @@ def diagnose(log: Optional[str], cause_nodes: List[str]) -> Tuple[Optional[str],
     return error_line(lines), code, sig
 
 
+def memory_summary(attempt_dir: Path) -> Optional[dict]:
+    """A training attempt's predicted memory (``memory_plan.json``, written at render time, one
+    stage of ``hpcjobs plan --json``) and measured memory (``memory_measured.json``, written by
+    the job at the end of training; :mod:`hpcjobs.train.memory`), in bytes; per rank, the
+    largest over the ranks. None when the attempt has neither file."""
+    plan = _read_json(attempt_dir / "memory_plan.json")
+    measured = _read_json(attempt_dir / "memory_measured.json")
+    out: dict = {"predicted": None, "measured": None}
+    if isinstance(plan, dict) and isinstance(plan.get("gpu"), dict):
+        gpu, host = plan["gpu"], plan.get("host_per_node") or {}
+        comps = gpu.get("components") if isinstance(gpu.get("components"), dict) else {}
+        states = [comps.get(k) for k in ("weights", "gradients", "optimizer states")]
+        out["predicted"] = {
+            "peak_per_rank": gpu.get("peak"), "phase": gpu.get("phase"),
+            "model_states": sum(states) if all(isinstance(v, int) for v in states) else None,
+            "host_per_node": host.get("peak") if isinstance(host, dict) else None}
+    if isinstance(measured, dict) and isinstance(measured.get("ranks"), list):
+        ranks = [r for r in measured["ranks"] if isinstance(r, dict)]
+
+        def most(key: str) -> Optional[int]:
+            vals = [r[key] for r in ranks if isinstance(r.get(key), int) and not isinstance(r.get(key), bool)]
+            return max(vals) if vals else None
+
+        devices = sorted({str(r.get("device")) for r in ranks})
+        out["measured"] = {"ranks": len(ranks), "device": ",".join(devices),
+                           **{k: most(k) for k in ("max_allocated", "max_reserved", "model_state_bytes",
+                                                   "peak_rss")}}
+    return out if out["predicted"] or out["measured"] else None
+
+
 def _stage_status(record: ChainRecord, name: str, queue: Dict[str, QueueInfo],
                   acct: Dict[str, List[AcctInfo]]) -> StageStatus:
     st = record.stage(name)
@@ -254,6 +286,7 @@ def _stage_status(record: ChainRecord, name: str, queue: Dict[str, QueueInfo],
                         "but was never recorded")
         return s
     s.log = str(adir / f"slurm-{att.job_id}.out")
+    s.memory = memory_summary(adir)
     q = queue.get(att.job_id)
     runs = acct.get(att.job_id, [])
     a = runs[-1] if runs else None

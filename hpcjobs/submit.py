@@ -51,7 +51,9 @@ def new_record(rendered: RenderedChain) -> ChainRecord:
         recipe_path=str(plan.recipe_path), profile=plan.profile,
         slurm_conf=plan.chain.profile.slurm_conf, run_dir=str(plan.run_dir), created=plan.created,
         overrides=list(plan.overrides),
-        stages=[StageRecord(st.name, st.kind, list(st.after), [Attempt(st.attempt, overrides=list(plan.overrides))])
+        stages=[StageRecord(st.name, st.kind, list(st.after),
+                            [Attempt(st.attempt, overrides=list(plan.overrides),
+                                     forced=plan.stage(st.name).extra.get("forced"))])
                 for st in rendered.stages],
     )
 

@@ -11,6 +11,7 @@ resuming from that checkpoint's global step.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -54,10 +55,21 @@ def _job_env(attempt: Path, **extra: str) -> dict:
     return env
 
 
-def _command(out: Path, result: Path, max_steps: int, *extra: str) -> list[str]:
+def _command(out: Path, result: Path, max_steps: int, *extra: str, report_to: str = "none") -> list[str]:
     return [sys.executable, str(SCRIPT), "--output_dir", str(out), "--out", str(result),
             "--max_steps", str(max_steps), "--logging_steps", "1", "--save_steps", "1000",
-            "--per_device_train_batch_size", "8", "--learning_rate", "5e-3", "--report_to", "none", *extra]
+            "--per_device_train_batch_size", "8", "--learning_rate", "5e-3", "--report_to", report_to, *extra]
+
+
+def _model_state_bytes_of_full_fp32_adam(checkpoint: Path) -> int:
+    """What a rank of a plain (DDP or single-process) fp32 full finetune with torch AdamW holds:
+    weights, gradients and Adam's two moments (4 + 4 + 8 bytes a parameter), and Adam's step
+    counter, a float32 scalar per parameter tensor."""
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint / "model.safetensors"), "pt") as f:
+        shapes = [f.get_slice(k).get_shape() for k in f.keys()]
+    return sum(16 * math.prod(shape) + 4 for shape in shapes)
 
 
 def _run_until_step(procs, progress_file: Path, step: int, then, timeout: float = 240) -> list[int]:
@@ -135,12 +147,17 @@ def test_preempt_by_flag_file_then_resume_at_that_step(tmp_path):
     log = open(tmp_path / "run1.log", "wb")
     # run 1: the job script touches the flag file at step >= 5; the script calls exit_if_preempted()
     # itself (exit_on_preempt=False), so trainer.train() returned normally first
-    p = subprocess.Popen(_command(out, result, 40, "--step_sleep", "0.1", "--exit_on_preempt", "false"),
-                         env=_job_env(attempt), stdout=log, stderr=subprocess.STDOUT)
+    # the curves go where a script stage's job points TENSORBOARD_LOGGING_DIR
+    tb = tmp_path / "run" / "tensorboard" / "train" / "attempt-1"
+    p = subprocess.Popen(_command(out, result, 40, "--step_sleep", "0.1", "--exit_on_preempt", "false",
+                                  report_to="tensorboard"),
+                         env=_job_env(attempt, TENSORBOARD_LOGGING_DIR=str(tb)), stdout=log, stderr=subprocess.STDOUT)
     rc = _run_until_step([p], pfile, 5, lambda: (attempt / "preempt").touch())
     text1 = (tmp_path / "run1.log").read_text()
     assert rc == [75], text1[-3000:]
     assert not result.exists()  # the code after exit_if_preempted() did not run
+    assert f"[hpcjobs] curves: tensorboard --logdir {tmp_path / 'run' / 'tensorboard'} (this run: train/attempt-1)" \
+        in text1
 
     recs = _records(pfile)
     assert recs[0]["event"] == "start" and recs[0]["step"] == 0 and recs[0]["max_steps"] == 40
@@ -163,6 +180,17 @@ def test_preempt_by_flag_file_then_resume_at_that_step(tmp_path):
     from_log = progress.from_trainer_log(text1)
     assert from_log.max_steps == 40 and stopped - 2 <= from_log.step <= stopped
     assert "[hpcjobs] preempted: checkpoint" in text1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars("train/loss")] == \
+        [(r["step"], r["loss"]) for r in steps]
+    # measured at the time-limit checkpoint, counted from the tensors
+    measured = json.loads((attempt / "memory_measured.json").read_text())["ranks"]
+    assert [(r["rank"], r["device"], r["max_allocated"]) for r in measured] == [(0, "cpu", None)]
+    assert measured[0]["model_state_bytes"] == _model_state_bytes_of_full_fp32_adam(ckpt)
+    assert measured[0]["peak_rss"] > 100 * 2 ** 20
 
     # run 2: a requeue (the job script removes the old flag) resumes from resume_checkpoint(output_dir)
     (attempt / "preempt").unlink()
@@ -233,4 +261,12 @@ def test_two_ranks_sigusr2_to_one_rank_stops_both_at_one_step(tmp_path, engine):
         assert (ckpt / "latest").read_text().strip() == f"global_step{stopped}"
         assert len(list((ckpt / f"global_step{stopped}").glob("*optim_states.pt"))) == 2
     assert "on another rank" in logs[0]
+    # each rank's measured memory, gathered to rank 0 at the time-limit checkpoint
+    measured = json.loads((attempt / "memory_measured.json").read_text())["ranks"]
+    assert [r["rank"] for r in measured] == [0, 1]
+    if engine == "ddp":   # every rank holds the whole model and optimizer
+        want = _model_state_bytes_of_full_fp32_adam(ckpt)
+        assert [r["model_state_bytes"] for r in measured] == [want, want]
+    else:   # ZeRO-2: each rank its half of the optimizer states, the same on both (an even split)
+        assert 0 < measured[0]["model_state_bytes"] == measured[1]["model_state_bytes"]
     assert (out / "saves.txt").read_text() == f"{stopped}\n"  # a callback after ours saw the save before the exit

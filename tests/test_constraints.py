@@ -38,7 +38,8 @@ from hpcjobs.constraints import Choice, Number, SlurmMem, TextTemplate
 from hpcjobs.errors import ConfigError
 
 RECIPE = "llama2-lora"
-KINDS = {"convert": "convert", "finetune": "finetune", "merge": "merge", "evaluate": "evaluate"}
+KINDS = {"convert": "convert", "prepare": "prepare", "finetune": "finetune", "merge": "merge",
+         "evaluate": "evaluate"}
 LOCAL = ["--profile", "local", "model.source=/models/llama-2-7b", "data.path=/data/d.parquet"]
 INPUTS = ["model.source=/models/llama-2-7b", "data.path=/data/d.parquet"]
 
@@ -60,6 +61,8 @@ def _keys():
     out = []
     for section, cls in _sections():
         for key, _f, tp, c in constraints.declared(cls, f"{section}."):
+            if isinstance(c, constraints.AutoOr):  # `auto` (tests/test_memplan_auto.py) or a typed value
+                tp, c = c.base, c.inner
             if c is not None:
                 out.append((key, _base_type(tp), c))
     return out
@@ -189,10 +192,11 @@ def test_a_file_value_names_file_and_line(hpcjobs, tmp_path):
 
 
 def test_an_interpolated_value_names_where_it_comes_from(hpcjobs, tmp_path):
-    # the recipe wires evaluate.max_seq_length to ${finetune.max_seq_length}
+    # the recipe wires prepare.max_seq_length (a stage before finetune) to ${finetune.max_seq_length}
     proc = hpcjobs("render", RECIPE, *LOCAL, "finetune.max_seq_length=0", check=False)
     assert proc.returncode == 2
-    assert "command line: finetune.max_seq_length: must be at least 1, got 0" in proc.stderr, proc.stderr
+    assert "command line: prepare.max_seq_length (= finetune.max_seq_length): must be at least 1, got 0" \
+        in proc.stderr, proc.stderr
 
 
 DS_CASES = [
@@ -296,7 +300,8 @@ def bad_values(key):
         refused = [v for v, _ in c.unsupported]
         if tp is int:
             return st.integers(-10 ** 6, 10 ** 6).filter(lambda v: v not in c.values)
-        return st.one_of(_NAME, st.sampled_from(refused or ["bogus"])).filter(lambda v: v not in c.values)
+        bad = st.one_of(_NAME, st.sampled_from(refused or ["bogus"])).filter(lambda v: v not in c.values)
+        return bad.map(lambda v: [v]) if tp is list else bad   # a list of choices (finetune.report_to)
     if isinstance(c, Number):
         lo, hi = _bounds(c, tp)
         if tp is int:
@@ -343,6 +348,8 @@ _CAPS = {"run.nodes": 16, "profile.gpus_per_node": 16, "profile.train_gpus_per_n
 def good_values(key):
     tp, c = BY_KEY[key]
     if isinstance(c, Choice):
+        if tp is list:   # a list of choices (finetune.report_to)
+            return st.lists(st.sampled_from(c.values), max_size=3, unique=True)
         return st.sampled_from(c.values)
     if isinstance(c, Number):
         lo, hi = _bounds(c, tp)
@@ -380,10 +387,15 @@ def _fix_up(values):
         v["finetune.gpus_per_node"] = 1
     if v.get("finetune.scheduler") in schema.SCHEDULERS_NEEDING_EVAL and not v.get("finetune.eval_steps"):
         v["finetune.eval_steps"] = 10
+    if "none" in (v.get("finetune.report_to") or []):
+        v["finetune.report_to"] = ["none"]
     if v.get("finetune.offload_param") == "cpu":
         v["finetune.zero_stage"] = 3
     if v.get("finetune.offload_optimizer") == "cpu" and v.get("finetune.zero_stage") == 0:
         v["finetune.zero_stage"] = 1
+    for a, b in (("prepare.prompt", "prepare.response"), ("prepare.response", "prepare.prompt")):
+        if v.get(a) is not None and v.get(b) is None:
+            v[b] = "{Doctor}"   # set together; a column of the recipe's data
     if v.get("profile.accelerator") == "cpu":
         precision = v.get("finetune.precision", "auto")
         if precision == "fp16" or (precision == "auto" and v.get("profile.precision") == "fp16"):
@@ -399,6 +411,7 @@ def test_each_key_refuses_its_boundary(key):
     tp, c = BY_KEY[key]
     if isinstance(c, Choice):
         value = "not-a-choice" if tp is not int else max(c.values) + 1
+        value = [value] if tp is list else value
     elif isinstance(c, Number):
         lo, hi = _bounds(c, tp)
         if lo is not None:
@@ -413,7 +426,9 @@ def test_each_key_refuses_its_boundary(key):
     composed, path = _compose({key: value})
     with pytest.raises(ConfigError) as e:
         plan.build(composed, chain_id="boundary")
-    assert e.value.key == key, str(e.value)
+    # a key another one copies (prepare.max_seq_length: ${finetune.max_seq_length}) may be named
+    # through the copy that is checked first: "prepare.max_seq_length (= finetune.max_seq_length)"
+    assert e.value.key == key or e.value.key.endswith(f"(= {key})"), str(e.value)
     assert f"{path}:" in str(e.value)
 
 

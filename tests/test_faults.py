@@ -62,7 +62,7 @@ def _submit_finetune(hpcjobs, demo_assets, hf_model, name, *overrides, nodes=2):
 
 @pytest.mark.train
 @pytest.mark.slow
-def test_a_rank_killed_on_node2_then_rerun_resumes(devcluster, hpcjobs, demo_assets, hf_model):
+def test_a_rank_killed_on_node2_then_rerun_resumes(devcluster, hpcjobs, demo_assets, hf_model, tmp_path):
     sub = _submit_finetune(hpcjobs, demo_assets, hf_model, "rankkill", "finetune.max_steps=400",
                            "finetune.save_steps=50", "finetune.logging_steps=5")
     run = sub["run_dir"]
@@ -99,6 +99,27 @@ def test_a_rank_killed_on_node2_then_rerun_resumes(devcluster, hpcjobs, demo_ass
     assert next(r for r in prog if r.get("event") == "start")["step"] == 0
     assert prog[-1]["step"] == 20
     assert (Path(run) / "checkpoints.before-attempt-3" / "checkpoint-400").is_dir()
+    _report_shows_the_attempts(hpcjobs, sub, tmp_path)
+
+
+def _report_shows_the_attempts(hpcjobs, sub, out_dir):
+    """`hpcjobs report` of the failed, resumed, then fresh finetune, opened in headless Chromium:
+    three bars, each attempt's loss points on one axis, the resume points and what changed."""
+    from reportcheck import check_report, drawn_points, logged_steps, timeline_bars
+
+    run = Path(sub["run_dir"])
+    page = out_dir / "rankkill.html"          # outside the run directory: its links still lead there
+    assert hpcjobs("report", sub["chain"], "--out", page).stdout == f"{page}\n"
+    opened = check_report(page, out_dir / "chromium")
+    assert timeline_bars(opened.dom) == {"finetune/1": "FAILED", "finetune/2": "COMPLETED",
+                                         "finetune/3": "COMPLETED"}
+    drawn = drawn_points(opened.dom, "chart-finetune-loss")
+    assert {k: v for k, v in drawn.items() if k.startswith("loss/")} == {
+        f"loss/{n}": logged_steps(run / f"stages/finetune/attempt-{n}/progress.jsonl") for n in (1, 2, 3)}
+    start = next(r for r in _progress(run, attempt=2) if r.get("event") == "start")
+    text = page.read_text()
+    assert f"attempt 2 resumed at step {start['step']}" in text and "attempt 3 started over" in text
+    assert re.search(r"<code>finetune\.max_steps</code></td><td><code>400</code></td><td><code>20</code>", text)
 
 
 @pytest.mark.train
@@ -246,7 +267,7 @@ def test_f_merge_fails_rerun_runs_merge_and_evaluate_only(devcluster, hpcjobs, d
                        "--config", demo_assets / "demo.yaml", f"merge.base={empty}")
     final = wait_chain(hpcjobs, sub["chain"], timeout=600)
     states = {s["name"]: s["state"] for s in final["stages"]}
-    assert states == {"convert": "COMPLETED", "finetune": "COMPLETED", "merge": "FAILED",
+    assert states == {"convert": "COMPLETED", "prepare": "COMPLETED", "finetune": "COMPLETED", "merge": "FAILED",
                       "evaluate": "PENDING"}, final
     run = Path(sub["run_dir"])
     adapter = run / "adapter" / "adapter_model.safetensors"
@@ -257,7 +278,7 @@ def test_f_merge_fails_rerun_runs_merge_and_evaluate_only(devcluster, hpcjobs, d
     assert final["state"] == "COMPLETED", final
     by = {s["name"]: s for s in final["stages"]}
     assert by["finetune"]["attempt"] == 1 and by["finetune"]["job_id"] == sub["jobs"]["finetune"]
-    assert by["convert"]["attempt"] == 1
+    assert by["convert"]["attempt"] == 1 and by["prepare"]["attempt"] == 1
     assert by["merge"]["attempt"] == 2 and by["evaluate"]["attempt"] == 2
     assert adapter.stat().st_mtime == mtime                           # not trained again
     assert (run / "eval" / "report.json").is_file()

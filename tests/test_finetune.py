@@ -120,6 +120,60 @@ def test_preempt_flag_installs_handler():
         signal.signal(signal.SIGUSR2, old)
 
 
+def _finetune_train_json(*overrides):
+    from hpcjobs import config, plan, render
+
+    composed = config.compose("llama2-lora", "a800", overrides=["model.source=/models/llama-2-7b",
+                                                                "data.path=/data/d.parquet", *overrides])
+    rendered = render.render(plan.build(composed, chain_id="reportto"))
+    ft = next(s for s in rendered.stages if s.name == "finetune")
+    return json.loads(ft.files["train.json"])
+
+
+def test_report_to_is_a_closed_list_passed_through():
+    """finetune.report_to: the Trainer's integrations; tensorboard by default, with the event
+    files in the chain's tensorboard tree; wandb/mlflow are accepted as they are (they read
+    their own WANDB_*/MLFLOW_* environment); [] and [none] turn reporting off."""
+    from hpcjobs.errors import ConfigError
+
+    train = _finetune_train_json()
+    assert train["train"]["report_to"] == ["tensorboard"]
+    assert train["tensorboard_dir"].endswith("/reportto/tensorboard/finetune/attempt-1")
+    assert train["memory_file"].endswith("/reportto/stages/finetune/attempt-1/memory_measured.json")
+    assert _finetune_train_json("finetune.report_to=[wandb,mlflow]")["train"]["report_to"] == ["wandb", "mlflow"]
+    assert _finetune_train_json("finetune.report_to=[none]")["train"]["report_to"] == []
+    assert _finetune_train_json("finetune.report_to=[]")["train"]["report_to"] == []
+    for value, needle in [("[tensorbord]", "got 'tensorbord'"),
+                          ("[tensorboard,wandb,bogus]", "must be one of azure_ml,"),
+                          ("[all]", "reports to whatever happens to be installed on the nodes"),
+                          ("[none,wandb]", "none turns reporting off; it cannot go with wandb")]:
+        with pytest.raises(ConfigError) as e:
+            _finetune_train_json(f"finetune.report_to={value}")
+        assert e.value.key == "finetune.report_to" and needle in str(e.value), str(e.value)
+
+
+@pytest.mark.train
+def test_report_to_list_matches_transformers():
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    from hpcjobs import schema
+
+    assert set(schema.REPORT_TO_INTEGRATIONS) == set(INTEGRATION_TO_CALLBACK)
+
+
+def test_curves_lines():
+    assert F.curves_lines(["tensorboard"], "/r/c1/tensorboard/finetune/attempt-2") == [
+        "curves: tensorboard --logdir /r/c1/tensorboard (this run: finetune/attempt-2)"]
+    assert F.curves_lines(["tensorboard"], "/tmp/my tb") == ["curves: tensorboard --logdir '/tmp/my tb'"]
+    os.environ["MLFLOW_TRACKING_URI"] = "https://user:secret@mlflow.example/"
+    try:
+        assert F.curves_lines(["mlflow", "wandb"], None) == [
+            "curves: mlflow (MLFLOW_TRACKING_URI=https://mlflow.example/)", "curves: wandb"]
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    assert F.curves_lines([], None) == ["curves: report_to is empty: none besides progress.jsonl"]
+
+
 # ----------------------------------------------------------------------------
 # helpers for the subprocess tests
 # ----------------------------------------------------------------------------
@@ -145,6 +199,7 @@ def write_config(run: Path, model: Path, data: Path, *, deepspeed: Path | None =
         "output_dir": str(run / "adapter"),
         "checkpoint_dir": str(run / "checkpoints"),
         "progress_file": str(run / "stages" / "finetune" / "attempt-1" / "progress.jsonl"),
+        "memory_file": str(run / "stages" / "finetune" / "attempt-1" / "memory_measured.json"),
         "deepspeed_config": str(deepspeed) if deepspeed else None,
         "resume": "auto",
         "device": "cpu",
@@ -319,6 +374,9 @@ def test_single_process_preempt_and_resume(tiny, tmp_path):
     assert any(r.get("event") == "checkpoint" and r["step"] == stop for r in lines)
     assert not (run / "adapter").exists()  # no final adapter on preemption
     assert "rank=0 world_size=1" in out and f"hostname={socket.gethostname()}" in out
+    # measured at the time-limit checkpoint too
+    measured = json.loads((run / "stages/finetune/attempt-1/memory_measured.json").read_text())["ranks"]
+    assert [(r["rank"], r["device"]) for r in measured] == [(0, "cpu")] and measured[0]["model_state_bytes"] > 0
 
     # rerun: resume=auto continues from the saved global step
     p = run_single(config, log)

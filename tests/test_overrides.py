@@ -69,7 +69,7 @@ def test_readme_template_example(hpcjobs_home):
     _, p, rendered = _render("data.template=Q: {question} A: {answer}", "data.columns=[question,answer]")
     assert p.chain.data.template == "Q: {question} A: {answer}"
     assert p.chain.data.columns == ["question", "answer"]
-    train = _strict_json(rendered.stages[1].files["train.json"])
+    train = _strict_json(next(st for st in rendered.stages if st.name == "finetune").files["train.json"])
     assert train["data"]["template"] == "Q: {question} A: {answer}"
 
 

@@ -46,6 +46,9 @@ def test_run_dry_run_shows_the_launch(hpcjobs, tmp_path):
     assert spec["launcher"] == "torchrun" and spec["nnodes"] == 2 and spec["world_size"] == 2
     assert spec["args"] == ["--out", str(tmp_path / "r.json")]
     assert spec["program"][0].endswith("/code/allreduce.py")
+    # the Trainer's TensorBoard curves land in the chain's tree, as finetune's do (unless the environment says)
+    assert 'export HPCJOBS_TENSORBOARD_DIR="$HPCJOBS_RUN_DIR/tensorboard/$HPCJOBS_STAGE/attempt-$HPCJOBS_ATTEMPT"' in out
+    assert 'export TENSORBOARD_LOGGING_DIR="${TENSORBOARD_LOGGING_DIR:-$HPCJOBS_TENSORBOARD_DIR}"' in out
 
 
 def test_deepspeed_json_is_resolved_and_the_arg_points_at_it(hpcjobs, tmp_path):

@@ -12,7 +12,7 @@ from typing import Dict, Optional, Tuple
 
 from .base import PlanContext, StageKind
 
-_BUILTIN = ("command", "convert", "finetune", "merge", "evaluate", "script", "commcheck")
+_BUILTIN = ("command", "convert", "prepare", "finetune", "merge", "evaluate", "script", "commcheck", "tokenizer", "pretrain", "grpo")
 _REGISTRY: Dict[str, StageKind] = {}
 
 

@@ -86,6 +86,16 @@ class StageKind:
     def preflight(self, plan: "ChainPlan", sp: "StagePlan", composed: "Composed", produced: Set[str]) -> None:
         """Login-node checks of the stage's input files (``render`` warns, ``submit`` refuses)."""
 
+    def memory(self, plan: "ChainPlan", sp: "StagePlan") -> Any:
+        """The predicted memory of a planned training stage (a
+        :class:`hpcjobs.memplan.report.StageMemory`), or None for a kind that does not train.
+
+        ``hpcjobs plan`` prints it; render and submit show the verdict, write it to the attempt's
+        ``memory_plan.json``, and submit refuses a stage that does not fit. A kind whose settings
+        take ``auto`` values chooses them in :meth:`plan` (before its files are rendered). Raise a
+        ConfigError when the prediction is impossible (e.g. no readable model configuration)."""
+        return None
+
     # ---- rendering
 
     def files(self, plan: "ChainPlan", sp: "StagePlan") -> Dict[str, str]:

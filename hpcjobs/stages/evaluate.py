@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from omegaconf import MISSING
@@ -13,6 +13,7 @@ from ..schema import StageCfg
 from ..userfiles import read_text
 from . import register
 from .base import StageKind, plain, to_json
+from .grpo import RewardCfg, check_reward_columns, plan_rewards
 
 
 @dataclass
@@ -25,6 +26,17 @@ class EvaluateStage(StageCfg):
     max_seq_length: int = number(512, ge=1)
     """Length the held-out texts are cut to for the loss (as in training)."""
     output: str = "${run.dir}/eval"
+    prepared: Optional[str] = None
+    """A prepare stage's output: its test split (tokens and labels as trained) instead of data.*."""
+    base_label: str = "base"
+    """How the report names the first model (e.g. ``untrained init``)."""
+    merged_label: str = "merged"
+    """How the report names the second model (e.g. ``pretrained``)."""
+    reward: RewardCfg = field(default_factory=lambda: RewardCfg(functions=[]))
+    """Reward functions (a grpo stage's ``reward`` block): with any, the report also has the mean
+    reward of greedy completions on held-out prompts (the test split), base vs merged."""
+    reward_prompts: int = number(32, ge=1)
+    """Held-out prompts the reward is measured on (the first of the test split)."""
 
 
 class Evaluate(StageKind):
@@ -33,14 +45,21 @@ class Evaluate(StageKind):
     settings = EvaluateStage
     entry_point = "hpcjobs.train.evaluate"
     sections = ("data",)
-    path_keys = ("base", "merged", "prompts", "output")
-    input_dirs = ("base", "merged")
+    path_keys = ("base", "merged", "prompts", "output", "prepared")
+    input_dirs = ("base", "merged", "prepared")
 
     def default_gpus(self, profile):
         return min(1, profile.gpus_per_node)
 
+    def plan(self, ctx):
+        if ctx.sp.cfg.reward.functions:
+            ctx.sp.extra["reward"] = plan_rewards(ctx, ctx.sp.cfg.reward)
+        return [], []
+
     def preflight(self, plan, sp, composed, produced):
         s = sp.cfg
+        if "reward" in sp.extra:
+            check_reward_columns(composed, plan.chain, sp.name, sp.extra["reward"]["spec"])
         if not s.prompts:
             return
         try:
@@ -54,11 +73,15 @@ class Evaluate(StageKind):
     def files(self, plan, sp):
         s = sp.cfg
         # The same shape as a finetune's train.json, so the held-out split is built the same way.
-        return {"eval.json": to_json({
+        reward = sp.extra.get("reward")
+        return {**(reward["code"] if reward else {}), "eval.json": to_json({
+            **({"reward": {**reward["spec"], "prompts": s.reward_prompts}} if reward else {}),
             "model_path": s.base,
             "output_dir": s.output,
             "device": plan.chain.profile.accelerator,
             "data": plain(plan.chain.data),
+            "prepared": s.prepared,
+            "labels": {"base": s.base_label, "merged": s.merged_label},
             "train": {"max_seq_length": s.max_seq_length},
         })}
 

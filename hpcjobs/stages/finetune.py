@@ -8,17 +8,19 @@ world size``, so DeepSpeed's batch assertion cannot fail in the job.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from omegaconf import MISSING
 
 from .. import dsconfig
-from ..constraints import choice, number
+from ..constraints import AUTO, Choice, Number, auto_or, choice, choices, constraint_of, number
 from ..errors import ConfigError
 from ..placement import place_ranks
-from ..schema import (LORA_BIAS, OFFLOAD_DEVICES, OPTIMIZER_NAMES, PRECISIONS, RESUME, SCHEDULERS,
+from ..schema import (LORA_BIAS, OFFLOAD_DEVICES, OPTIMIZER_NAMES, PRECISIONS, REPORT_TO, REPORT_TO_UNSUPPORTED,
+                      RESUME, SCHEDULERS,
                       SCHEDULERS_NEEDING_EVAL, SCHEDULERS_UNSUPPORTED, SEED_MAX, ZERO_STAGES, StageCfg)
 from . import register
 from .base import PlanContext, StageKind, plain, time_limit_signal, to_json
@@ -30,7 +32,15 @@ class LoraCfg:
     alpha: int = number(8, ge=1)
     dropout: float = number(0.05, ge=0, lt=1)
     target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Modules the adapters wrap; []: chosen from the model's architecture (LORA_TARGETS)."""
     bias: str = choice(*LORA_BIAS, default="none")
+    enabled: bool = True
+    """false: full finetuning (every weight trained; the output is a whole model, merge copies it)."""
+
+
+# The attention projections LoRA wraps per architecture (memplan's names, from config.json or a
+# Meta params.json): PEFT's own defaults for these models.
+LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "bloom": ["query_key_value"]}
 
 
 @dataclass
@@ -40,8 +50,10 @@ class FinetuneStage(StageCfg):
     output: str = "${run.dir}/adapter"
     checkpoints: str = "${run.dir}/checkpoints"
     lora: LoraCfg = field(default_factory=LoraCfg)
-    micro_batch_size: int = number(16, ge=1, le=65536)
-    """Per-GPU micro batch (train_micro_batch_size_per_gpu)."""
+    prepared: Optional[str] = None
+    """A prepare stage's output: the ranks load it instead of tokenizing data.* each."""
+    micro_batch_size: Any = auto_or(16, int, Number(ge=1, le=65536))
+    """Per-GPU micro batch (train_micro_batch_size_per_gpu); auto: the largest that fits (`hpcjobs plan`)."""
     grad_accum: int = number(1, ge=1)
     lr: float = number(1e-3, gt=0)
     max_steps: int = number(200, ge=1, also=(-1,), message="must be a positive step count or -1 (use epochs)")
@@ -51,7 +63,8 @@ class FinetuneStage(StageCfg):
     scheduler: str = choice(*SCHEDULERS, default="cosine", unsupported=SCHEDULERS_UNSUPPORTED)
     """The Trainer's ``lr_scheduler_type``; reduce_lr_on_plateau and greedy need ``eval_steps``."""
     max_seq_length: int = number(512, ge=1)
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: Any = auto_or(True, bool)
+    """true, false or auto (off if the setup fits without it)."""
     precision: str = choice("auto", *PRECISIONS, default="auto")
     """bf16, fp16, fp32 or auto (from profile.precision)."""
     max_grad_norm: float = number(0.3, ge=0)
@@ -63,8 +76,9 @@ class FinetuneStage(StageCfg):
     eval_steps: Optional[int] = number(None, ge=1)
     """Evaluate on the eval split every N steps; None: no evaluation."""
     seed: int = number(42, ge=0, le=SEED_MAX)
-    zero_stage: int = choice(*ZERO_STAGES, default=2)
-    offload_optimizer: str = choice(*OFFLOAD_DEVICES, default="none")
+    zero_stage: Any = auto_or(2, int, Choice(ZERO_STAGES))
+    """0-3, or auto: the memory planner's choice (ZeRO-1, 2, 2+offload, 3, 3+offload)."""
+    offload_optimizer: Any = auto_or("none", str, Choice(OFFLOAD_DEVICES))
     """none or cpu: optimizer states in host memory (ZeRO-Offload); the Trainer's torch AdamW steps them."""
     offload_param: str = choice(*OFFLOAD_DEVICES, default="none")
     """none or cpu; ZeRO stage 3 only."""
@@ -78,17 +92,109 @@ class FinetuneStage(StageCfg):
     """DeepSpeed ``--exclude`` spec."""
     resume: str = choice(*RESUME, default="auto")
     """auto: continue from the latest checkpoint if there is one; never: start fresh."""
+    report_to: List[str] = choices(*REPORT_TO, default_factory=lambda: ["tensorboard"],
+                                   unsupported=REPORT_TO_UNSUPPORTED)
+    """The Trainer's report_to integrations (tensorboard, wandb, mlflow, ...); [] or [none]: none.
+    TensorBoard event files go to ``<run dir>/tensorboard/<stage>/attempt-<n>``."""
+
+
+def tensorboard_dir(run_dir, stage: str, attempt: int) -> Path:
+    """Where a training attempt's TensorBoard event files go. One tree for the whole chain:
+    ``tensorboard --logdir <run dir>/tensorboard`` lists its runs as ``<stage>/attempt-<n>``
+    (``--logdir <run dir>`` works too, with a ``tensorboard/`` prefix), and the curves can be
+    copied off the cluster without the checkpoints beside them in the attempt directories."""
+    return Path(run_dir) / "tensorboard" / stage / f"attempt-{attempt}"
+
+
+AUTO_KEYS = ("gradient_checkpointing", "zero_stage", "offload_optimizer", "micro_batch_size")
+"""Settings that take ``auto``: the memory planner (:mod:`hpcjobs.memplan.search`) chooses them."""
+
+
+def _concrete(s: FinetuneStage) -> List[str]:
+    """Give the ``auto``-able settings their typed values (a command-line value is text); returns
+    those that are ``auto``, in the planner's search order."""
+    free = []
+    for f in dataclasses.fields(s):
+        if f.name in AUTO_KEYS:
+            value = getattr(s, f.name)
+            if value == AUTO:
+                free.append(f.name)
+            else:   # constraints.check has accepted it: it converts
+                setattr(s, f.name, constraint_of(f).convert(value))
+    return [k for k in AUTO_KEYS if k in free]
+
+
+def _choose(ctx: PlanContext, free: List[str]) -> None:
+    """Set the ``auto`` settings to the fastest setup predicted to fit (before the DeepSpeed config
+    is built, so the config, train.json and memory_plan.json agree); the choice and why go to
+    ``sp.extra``."""
+    from ..memplan import report, search
+    from ..memplan.estimate import fmt_bytes
+
+    composed, chain, sp = ctx.composed, ctx.chain, ctx.sp
+    s: FinetuneStage = sp.cfg
+    key = f"{sp.name}.{free[0]}"
+    if s.deepspeed_config:
+        raise composed.error(key, "auto needs the generated DeepSpeed config; "
+                             f"{sp.name}.deepspeed_config is your own", hint=f"set {key} to a value")
+    lim = report.limits(chain, sp.mem)
+    if lim.gpu is None:
+        raise composed.error(key, f"auto needs the GPU's memory, and profile {chain.profile.name} has no gpu_mem",
+                             hint="set profile.gpu_mem (e.g. profile.gpu_mem=80G)")
+    try:
+        shape, _ = report.load_shape(chain, sp.name, s.model)
+    except ConfigError as e:
+        raise composed.error(key, f"auto needs the model's configuration to predict memory: {e.__cause__ or e}",
+                             hint=f"set {key} to a value, or point {sp.name}.model (model.source) at a "
+                             "directory with config.json or params.json") from None
+    for k in free:   # placeholders; the search varies exactly these
+        setattr(s, k, {"gradient_checkpointing": True, "zero_stage": 3, "offload_optimizer": "none",
+                       "micro_batch_size": 1}[k])
+    setup = report.train_setup(chain, s, shape, world=sp.world_size or 1, nodes=sp.nodes, ds=None)
+    pick = search.search(setup, free, lim)
+    if pick is None:
+        least = search.smallest(setup, free)
+        raise composed.error(key, f"auto: no setup fits in {fmt_bytes(lim.gpu)} per GPU with a margin of "
+                             f"{fmt_bytes(lim.margin)}: the smallest, {search.describe(least.values)}, needs "
+                             f"{fmt_bytes(least.plan.gpu_peak)} per GPU and {fmt_bytes(least.plan.host_peak)} "
+                             "per node (set it, and `hpcjobs plan` shows the breakdown)",
+                             hint=f"more GPUs (--nodes), a shorter {sp.name}.max_seq_length, or "
+                             f"{sp.name}.offload_param=cpu with zero_stage 3")
+    for k, v in pick.values.items():
+        setattr(s, k, v)
+    why = (f"the first setup that fits ({search.ORDER}): GPU peak {fmt_bytes(pick.plan.gpu_peak)} + margin "
+           f"{fmt_bytes(lim.margin)} <= {fmt_bytes(lim.gpu)}")
+    sp.extra[report.AUTO_EXTRA] = {
+        "chosen": dict(pick.values), "why": why, "rejected": pick.rejected, "margin": lim.margin,
+        "order": search.ORDER,
+    }
+
+
+def _lora_targets(ctx: PlanContext) -> List[str]:
+    """LoRA targets for the model's architecture, read on the login node as `hpcjobs plan` reads it."""
+    from ..memplan import report
+
+    key = f"{ctx.sp.name}.lora.target_modules"
+    try:
+        shape, cfg_path = report.load_shape(ctx.chain, ctx.sp.name, ctx.sp.cfg.model)
+    except ConfigError as e:
+        raise ctx.error("lora.target_modules", f"[] chooses them from the model's architecture, but {e.message}",
+                        hint=f"name them, e.g. {key}=[q_proj,v_proj]") from None
+    if shape.arch not in LORA_TARGETS:
+        raise ctx.error("lora.target_modules", f"no default LoRA targets for {shape.arch} ({cfg_path})",
+                        hint=f"name them, e.g. {key}=[q,v]")
+    return list(LORA_TARGETS[shape.arch])
 
 
 class Finetune(StageKind):
     name = "finetune"
-    summary = "LoRA SFT (TRL + PEFT) with DeepSpeed ZeRO across nodes"
+    summary = "LoRA or full SFT (TRL + PEFT) with DeepSpeed ZeRO across nodes"
     settings = FinetuneStage
     entry_point = "hpcjobs.train.finetune"
     sections = ("data",)
-    path_keys = ("model", "output", "checkpoints", "hostfile", "deepspeed_config")
+    path_keys = ("model", "output", "checkpoints", "hostfile", "deepspeed_config", "prepared")
     output_keys = ("output", "checkpoints")
-    input_dirs = ("model",)
+    input_dirs = ("model", "prepared")
     multi_node = True
     launch_options = True
     can_resume = True
@@ -101,6 +207,7 @@ class Finetune(StageKind):
         p = chain.profile
         name = sp.name
         s: FinetuneStage = sp.cfg
+        free = _concrete(s)   # the settings left to the memory planner (auto)
         # Sets and ranges of single keys (zero_stage, lr, ...) are constraints.check's; here what
         # depends on several keys.
         precision_from = f"{name}.precision"
@@ -110,14 +217,18 @@ class Finetune(StageKind):
         if p.accelerator == "cpu" and s.precision == "fp16":
             raise composed.error(f"{name}.precision", "fp16 needs a GPU; use fp32 or bf16 on profile "
                                  f"{p.name} (accelerator cpu)")
-        if not s.lora.target_modules:
-            raise composed.error(f"{name}.lora.target_modules", "needs at least one module name")
+        if not s.lora.target_modules and s.lora.enabled:
+            s.lora.target_modules = _lora_targets(ctx)
         if s.scheduler in SCHEDULERS_NEEDING_EVAL and not s.eval_steps:
             raise composed.error(f"{name}.scheduler", f"{s.scheduler} steps on the evaluation loss, and the "
                                  "Trainer refuses it without evaluation",
                                  hint=f"set {name}.eval_steps, or use another scheduler")
 
-        if s.offload_param == "cpu" and s.zero_stage != 3:
+        if "none" in s.report_to and len(s.report_to) > 1:
+            raise composed.error(f"{name}.report_to", f"none turns reporting off; it cannot go with "
+                                 f"{', '.join(r for r in s.report_to if r != 'none')}")
+
+        if s.offload_param == "cpu" and s.zero_stage not in (3, AUTO):
             raise composed.error(f"{name}.offload_param", f"parameter offload needs zero_stage 3 "
                                  f"(zero_stage is {s.zero_stage})")
         if s.offload_optimizer == "cpu" and s.zero_stage == 0:
@@ -125,6 +236,8 @@ class Finetune(StageKind):
 
         nodelist, exclude_nodes = place_ranks(composed, chain, sp)
         world = sp.world_size
+        if free:
+            _choose(ctx, free)
 
         if s.deepspeed_config:
             try:
@@ -164,6 +277,13 @@ class Finetune(StageKind):
             if value and not Path(value).is_file():
                 raise composed.error(f"{sp.name}.{key}", f"{value} does not exist")
 
+    def memory(self, plan, sp):
+        from ..memplan import report
+
+        if "memory_plan" not in sp.extra:   # render, submit and the CLI all ask: predict once
+            sp.extra["memory_plan"] = report.stage_memory(plan, sp)
+        return sp.extra["memory_plan"]
+
     def files(self, plan, sp):
         s, adir, chain = sp.cfg, sp.attempt_dir, plan.chain
         files = {"ds_config.json": to_json(sp.ds_config), "train.json": to_json({
@@ -173,11 +293,14 @@ class Finetune(StageKind):
             "progress_file": str(adir / "progress.jsonl"),
             "preempt_file": str(adir / "preempt"),
             "deepspeed_config": str(adir / "ds_config.json"),
+            "tensorboard_dir": str(tensorboard_dir(plan.run_dir, sp.name, sp.attempt)),
+            "memory_file": str(adir / "memory_measured.json"),
             "resume": s.resume,
             "device": chain.profile.accelerator,
             "world_size": sp.world_size,
             "data": plain(chain.data),
             "lora": plain(s.lora),
+            "prepared": s.prepared,
             "train": {
                 "micro_batch_size": s.micro_batch_size,
                 "gradient_accumulation_steps": s.grad_accum,
@@ -196,10 +319,15 @@ class Finetune(StageKind):
                 "eval_steps": s.eval_steps,
                 "seed": s.seed,
                 "optim": s.optim,
+                "report_to": [r for r in s.report_to if r != "none"],
             },
         })}
         if sp.pool is not None:
             files["hostfile.requested"] = "".join(f"{h} slots={n}\n" for h, n in sp.pool.items())
+        try:   # the prediction, next to the memory_measured.json the job writes (`hpcjobs report`)
+            files["memory_plan.json"] = to_json(self.memory(plan, sp).to_json())
+        except ConfigError:
+            pass   # no readable model configuration: nothing predicted
         return files
 
     def fresh(self, name, cfg):

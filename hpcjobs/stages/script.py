@@ -20,7 +20,11 @@ per rank). On the login node:
 Time limits: ``HPCJOBS_PREEMPT_FILE`` names the flag file the job touches at Slurm's
 SIGUSR2 warning (which also reaches every rank); a script that saves a checkpoint
 and exits 75 is requeued (``hpcjobs.train.callbacks.HpcjobsCallback`` does this for
-HF Trainer scripts).
+HF Trainer scripts, and records each rank's measured memory in memory_measured.json).
+
+Curves: ``HPCJOBS_TENSORBOARD_DIR`` is ``<run dir>/tensorboard/<stage>/attempt-<n>``, the
+finetune stage's layout, and ``TENSORBOARD_LOGGING_DIR`` (what the HF Trainer's TensorBoard
+integration reads) defaults to it, so ``report_to="tensorboard"`` lands there.
 """
 
 from __future__ import annotations

@@ -38,6 +38,15 @@ What :class:`HpcjobsCallback` does, on every rank:
   With ``HpcjobsCallback(exit_on_preempt=False)`` ``trainer.train()`` returns normally
   after that checkpoint instead; call :func:`exit_if_preempted` right after it (before
   saving the final model or evaluating).
+* **Curves**: a ``script`` stage exports ``HPCJOBS_TENSORBOARD_DIR``
+  (``<run dir>/tensorboard/<stage>/attempt-<n>``, the finetune stage's layout) and
+  ``TENSORBOARD_LOGGING_DIR`` (the same, unless you set it), which the Trainer's TensorBoard
+  integration reads: ``report_to="tensorboard"`` in your script is all it takes. At the start
+  of training rank 0 prints where the curves go (``curves: tensorboard --logdir ...``).
+* **Measured memory**: each rank's peak (``torch.cuda.max_memory_allocated/reserved``, its
+  model-state tensor bytes, its peak RSS; :mod:`hpcjobs.train.memory`) is gathered to rank 0,
+  which writes ``$HPCJOBS_ATTEMPT_DIR/memory_measured.json`` at the end of training and at a
+  time-limit checkpoint (a collective at those two points, on every rank).
 * Outside hpcjobs (no ``HPCJOBS_*`` variables) it writes no file, installs no signal
   handler (unless ``handle_signal=True``), never stops training and does no per-step
   collective.
@@ -58,8 +67,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 # stdlib-only pieces shared with the built-in finetune stage (importing it loads no torch)
+from hpcjobs.train import memory
 from hpcjobs.train.finetune import (EXIT_PREEMPTED, PreemptFlag, ProgressWriter, _any_rank, _barrier, _finite,
-                                    log_record, save_and_stop)
+                                    curves_lines, log_record, save_and_stop)
 
 LOG_PREFIX = "[hpcjobs]"
 ENV_PROGRESS = "HPCJOBS_PROGRESS_FILE"
@@ -227,6 +237,8 @@ class HpcjobsCallback(TrainerCallback):
         self._last_step = 0
         self._global_batch = 0
         self._summary: dict[str, Any] = {}
+        self._memory = memory.MemoryProbe()
+        self._rank = 0
 
     # ---- helpers
 
@@ -241,7 +253,21 @@ class HpcjobsCallback(TrainerCallback):
 
     # ---- TrainerCallback
 
+    def _write_memory(self) -> None:
+        """Every rank's measured memory to rank 0's memory_measured.json (a collective; the
+        environment, and so whether it runs, is the same on every rank)."""
+        adir = os.environ.get(ENV_ATTEMPT)
+        if adir:
+            memory.gather_and_write(os.path.join(adir, memory.FILE), self._memory.record(self._rank))
+
     def on_train_begin(self, args, state, control, **kw):
+        self._memory.attach(kw.get("model"), kw.get("optimizer"))
+        self._rank = int(getattr(args, "process_index", 0) or 0)
+        if state.is_world_process_zero and _in_hpcjobs_job():
+            report = [r for r in (getattr(args, "report_to", None) or []) if r != "none"]
+            for line in curves_lines(report, os.environ.get("TENSORBOARD_LOGGING_DIR")
+                                     or os.path.join(args.output_dir, "runs")):
+                _log(line)
         self._progress = ProgressWriter(self.progress_file, bool(self.progress_file) and state.is_world_process_zero)
         self._last_time = time.time()
         self._last_step = state.global_step
@@ -307,12 +333,14 @@ class HpcjobsCallback(TrainerCallback):
             if not self._stopped:  # not reached: the Trainer calls on_epoch_end first
                 self._stop_for_preemption(state)
             return
+        self._write_memory()
         self._progress.event("end", **{**self._summary, "step": state.global_step, "max_steps": state.max_steps})
 
     def _stop_for_preemption(self, state) -> None:
         global _preempted
         self._stopped = True
         _barrier()  # every rank has written its part of the checkpoint
+        self._write_memory()
         path = self.checkpoint  # None: some other callback cancelled the save
         _preempted = True
         self._progress.event("preempted", step=state.global_step, max_steps=state.max_steps, checkpoint=path)

@@ -482,6 +482,215 @@ def make_demo_assets(
     }
 
 
+# --------------------------------------------------------------------------------------
+# sft-lora: a tiny Bloom with a byte-level BPE tokenizer, prompt/response JSON lines
+# --------------------------------------------------------------------------------------
+
+# Short instructions whose answers follow from the prompt (a copy, a lookup, a sum), so a
+# few dozen LoRA steps lower the response loss clearly.
+_CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"),
+             ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Chile", "Santiago"),
+             ("Norway", "Oslo"), ("Greece", "Athens"), ("Poland", "Warsaw"), ("Cuba", "Havana")]
+_OPPOSITES = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("light", "dark"),
+              ("happy", "sad"), ("old", "new"), ("early", "late"), ("open", "closed"), ("full", "empty")]
+_ANIMALS = ["cat", "dog", "bird", "horse", "fish", "cow", "goat", "duck", "frog", "lion"]
+SFT_COLUMNS = ("input", "target")
+
+
+def _one_instruction(rng: random.Random) -> dict[str, str]:
+    kind = rng.randrange(4)
+    if kind == 0:
+        country, city = rng.choice(_CAPITALS)
+        return {"input": f"What is the capital of {country}?", "target": f"The capital of {country} is {city}."}
+    if kind == 1:
+        word, opp = rng.choice(_OPPOSITES)
+        return {"input": f"Give the opposite of the word {word}.", "target": f"The opposite of {word} is {opp}."}
+    if kind == 2:
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        return {"input": f"Add {a} and {b}.", "target": f"{a} plus {b} is {a + b}."}
+    words = rng.sample(_ANIMALS, 3)
+    return {"input": f"Repeat the animals: {' '.join(words)}", "target": f"Animals: {', '.join(words)}."}
+
+
+def make_instructions(rows: int = DEFAULT_ROWS, seed: int = 0) -> list[dict[str, str]]:
+    """``rows`` synthetic prompt/response pairs (columns ``input``, ``target``, as BELLE's data)."""
+    rng = random.Random(f"instructions-{seed}")
+    return [_one_instruction(rng) for _ in range(rows)]
+
+
+def train_bpe_tokenizer(texts: Sequence[str], out_dir: str | Path, vocab_size: int = 400) -> Path:
+    """A byte-level BPE tokenizer (Bloom's kind) trained on ``texts``, saved in HF layout.
+
+    <unk>=0, <s>=1, </s>=2, <pad>=3; no BOS/EOS added on encoding (Bloom adds none).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                 pad_token="<pad>", padding_side="right", model_max_length=2048,
+                                 clean_up_tokenization_spaces=False)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(str(out))
+    return out
+
+
+def make_tiny_bloom(out_dir: str | Path, texts: Sequence[str], *, seed: int = 0, hidden: int = 64,
+                    layers: int = 2, heads: int = 4, init_range: float = 0.2) -> Path:
+    """A random tiny BloomForCausalLM (safetensors) with its tokenizer, in ``out_dir``."""
+    import torch
+    from transformers import AutoTokenizer, BloomConfig, BloomForCausalLM, GenerationConfig
+
+    out = Path(out_dir)
+    train_bpe_tokenizer(texts, out)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    config = BloomConfig(vocab_size=len(tok), hidden_size=hidden, n_layer=layers, n_head=heads,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+                         initializer_range=init_range)
+    torch.manual_seed(seed)
+    model = BloomForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id)
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+SFT_DEMO_YAML = """\
+# Inputs made by `hpcjobs demo-assets --recipe sft-lora`; small settings for CPU training.
+model:
+  source: {model}
+data:
+  path: {dataset}
+evaluate:
+  max_new_tokens: 16
+finetune:
+  max_seq_length: 64
+  micro_batch_size: 8
+  max_steps: 30
+  warmup_steps: 3
+  lr: 1.0e-2
+  logging_steps: 2
+  save_steps: 15
+  gradient_checkpointing: false
+"""
+
+
+def make_sft_demo_assets(outdir: str | Path, seed: int = 0, rows: int = DEFAULT_ROWS) -> dict[str, Path]:
+    """A tiny Bloom (``bloom-tiny/``), ``instructions.jsonl`` (input/target) and ``demo.yaml``.
+
+    No prompts file: evaluate takes its prompts (and references) from the prepared test split."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    pairs = make_instructions(rows, seed)
+    corpus = [f"{r['input']}\n{r['target']}" for r in pairs] + [r["target"] for r in pairs]
+    model = make_tiny_bloom(outdir / "bloom-tiny", corpus, seed=seed)
+    dataset = outdir / "instructions.jsonl"
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in pairs), encoding="utf-8")
+    demo = outdir / "demo.yaml"
+    demo.write_text(SFT_DEMO_YAML.format(model=json.dumps(str(model)), dataset=json.dumps(str(dataset))))
+    return {"model": model, "dataset": dataset, "config": demo}
+
+
+def write_llama2_demo_yaml(outdir: str | Path, made: dict[str, Path]) -> Path:
+    """demo.yaml for the llama2-lora demo (``make_demo_assets``' files)."""
+    demo = Path(outdir) / "demo.yaml"
+    demo.write_text(
+        "# Inputs made by `hpcjobs demo-assets`; small settings for CPU training.\n"
+        f"model:\n  source: {made['checkpoint']}\n"
+        f"data:\n  path: {made['dataset']}\n"
+        f"evaluate:\n  prompts: {made['prompts']}\n  max_new_tokens: 24\n"
+        "finetune:\n  micro_batch_size: 4\n  max_seq_length: 128\n  max_steps: 40\n"
+        "  warmup_steps: 4\n  lr: 5.0e-3\n  logging_steps: 2\n  save_steps: 20\n"
+        "  gradient_checkpointing: false\n"
+    )
+    return demo
+
+
+# --------------------------------------------------------------------------------------
+# llm-pretrain: a small repetitive corpus (JSON lines, "text") and tiny size settings
+# --------------------------------------------------------------------------------------
+
+_NAMES = ["Anna", "Ben", "Carla", "Dev", "Emma", "Finn", "Gita", "Hugo"]
+_PETS = ["cat", "dog", "bird", "fish", "horse", "goat"]
+_FOODS = ["bread", "apples", "rice", "soup", "cheese", "carrots"]
+_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+_TOWNS = ["Oslo", "Lima", "Rome", "Cairo", "Tokyo", "Paris"]
+
+
+def _one_story(rng: random.Random) -> str:
+    """A few sentences from a small grammar: repetitive enough that a tiny model learns it fast."""
+    name, pet, food, day, town = (rng.choice(x) for x in (_NAMES, _PETS, _FOODS, _DAYS, _TOWNS))
+    n = rng.randint(2, 5)
+    sentences = [f"{name} lives in {town} and has {n} {pet}s.",
+                 f"Every {day} {name} gives the {pet}s some {food}.",
+                 f"The {pet}s like {food} very much.",
+                 f"On {day} evening {name} walks the {pet}s around {town}.",
+                 f"{name} says: my {n} {pet}s are happy in {town}."]
+    return " ".join(sentences[:rng.randint(3, 5)])
+
+
+PRETRAIN_DEMO_YAML = """\
+# Inputs made by `hpcjobs demo-assets --recipe llm-pretrain`; tiny sizes for CPU training.
+data:
+  path: {corpus}
+  split: [0.9, 0.05, 0.05]
+pretrain:
+  dim: 64
+  n_layers: 2
+  n_heads: 4
+  n_kv_heads: 2
+  vocab_size: 512
+  max_seq_len: 64
+  micro_batch_size: 8
+  grad_accum: 1
+  lr: 3.0e-3
+  warmup_steps: 10
+  max_steps: 120
+  logging_steps: 5
+  save_steps: 60
+evaluate:
+  max_new_tokens: 24
+"""
+
+
+def make_pretrain_demo_assets(outdir: str | Path, seed: int = 0, rows: int = 600) -> dict[str, Path]:
+    """``corpus.jsonl`` (one ``{"text": ...}`` a line) and ``demo.yaml`` for the llm-pretrain recipe."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"stories-{seed}")
+    corpus = outdir / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": _one_story(rng)}) + "\n" for _ in range(rows)), encoding="utf-8")
+    demo = outdir / "demo.yaml"
+    demo.write_text(PRETRAIN_DEMO_YAML.format(corpus=json.dumps(str(corpus))))
+    return {"corpus": corpus, "config": demo}
+
+
+def make_for_recipe(recipe: str, outdir: str | Path, seed: int = 0) -> dict[str, Path]:
+    """The demo assets of ``recipe`` and their ``demo.yaml`` (``hpcjobs demo-assets --recipe``)."""
+    if recipe == "llama2-lora":
+        made = make_demo_assets(outdir, seed=seed)
+        return {**made, "config": write_llama2_demo_yaml(outdir, made)}
+    if recipe == "sft-lora":
+        return make_sft_demo_assets(outdir, seed=seed)
+    if recipe == "llm-pretrain":
+        return make_pretrain_demo_assets(outdir, seed=seed)
+    if recipe == "qwen2-grpo":
+        from hpcjobs.train.grpo_demo import make_grpo_demo_assets
+
+        return make_grpo_demo_assets(outdir, seed=seed)
+    raise ValueError(f"no demo assets for recipe {recipe!r} (known: {', '.join(DEMO_RECIPES)})")
+
+
+DEMO_RECIPES = ("llama2-lora", "sft-lora", "llm-pretrain", "qwen2-grpo")
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a prompts.txt: one a line, blank lines ignored."""
     return [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]

@@ -145,6 +145,31 @@ def eval_loss(model, tok, texts: list[str], max_length: int, batch_size: int, de
     return total / count, count
 
 
+def eval_loss_prepared(model, tok, ds, batch_size: int, device: str) -> tuple[float, int]:
+    """Token-weighted mean cross-entropy over the labelled (not -100) tokens of a prepared split."""
+    import torch
+    import torch.nn.functional as F
+
+    from hpcjobs.train.prepare import IGNORE_INDEX, MODEL_COLUMNS, collator
+
+    collate = collator(tok)
+    rows = ds.select_columns(list(MODEL_COLUMNS))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            batch = collate([rows[j] for j in range(i, min(i + batch_size, len(rows)))])
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            labels = batch["labels"].to(device)[:, 1:]
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+            total += float(loss)
+            count += int((labels != IGNORE_INDEX).sum())
+    if count == 0:
+        return float("nan"), 0
+    return total / count, count
+
+
 def generate(model, tok, prompts: list[str], max_new_tokens: int, device: str) -> list[str]:
     import torch
 
@@ -189,8 +214,10 @@ def _block(text: str) -> list[str]:
 def render_markdown(r: dict[str, Any]) -> str:
     el, pp = r["eval_loss"], r["perplexity"]
     delta = None if el["base"] is None or el["merged"] is None else el["merged"] - el["base"]
+    names = {"base": "base", "merged": "merged", **(r.get("labels") or {})}
     lines = [
-        "# Evaluation: base vs finetuned (merged)",
+        "# Evaluation: base vs finetuned (merged)" if names == {"base": "base", "merged": "merged"} else
+        f"# Evaluation: {names['base']} (base) vs {names['merged']} (merged)",
         "",
         f"- base model: `{r['base']}`",
         f"- merged model: `{r['merged']}`",
@@ -200,19 +227,24 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
         "| model | eval loss (mean token CE) | perplexity |",
         "|---|---|---|",
-        f"| base | {_fmt(el['base'])} | {_fmt(pp['base'], '.2f')} |",
-        f"| merged | {_fmt(el['merged'])} | {_fmt(pp['merged'], '.2f')} |",
+        f"| {names['base']} | {_fmt(el['base'])} | {_fmt(pp['base'], '.2f')} |",
+        f"| {names['merged']} | {_fmt(el['merged'])} | {_fmt(pp['merged'], '.2f')} |",
         "",
         f"Change in eval loss: {_fmt(delta, '+.4f')}" + (" (lower is better)" if delta is not None else ""),
         "",
         "## Samples",
         "",
     ]
+    if r.get("reward"):
+        from hpcjobs.train.rewards import reward_markdown
+
+        lines[-2:-2] = reward_markdown(r["reward"], names)
     for i, s in enumerate(r["samples"], 1):
         lines += [f"### {i}", "", "**Prompt**", ""] + _block(s["prompt"])
         if s.get("reference") is not None:
             lines += ["**Reference**", ""] + _block(s["reference"])
-        lines += ["**Base**", ""] + _block(s["base"]) + ["**Merged**", ""] + _block(s["merged"])
+        lines += [f"**{names['base'].capitalize()}**", ""] + _block(s["base"]) + \
+            [f"**{names['merged'].capitalize()}**", ""] + _block(s["merged"])
     return "\n".join(lines)
 
 
@@ -239,31 +271,57 @@ def evaluate(
     max_length = int(cfg["train"]["max_seq_length"])
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
-    splits = load_splits(cfg["data"])
-    test_texts = list(splits["test"]["text"])
-    if max_eval_samples and max_eval_samples > 0:
-        test_texts = test_texts[:max_eval_samples]
+    template = cfg["data"].get("template") or " ".join(f"{c}: {{{c}}}" for c in cfg["data"].get("columns", []))
+    prepared = None
+    if cfg.get("prepared"):
+        from hpcjobs.train.prepare import load_prepared
+
+        # The test split as the prepare stage tokenized and labelled it: the loss counts the
+        # tokens training learned (the responses only, unless train_on_inputs).
+        prepared = load_prepared(cfg["prepared"])["test"]
+        if max_eval_samples and max_eval_samples > 0:
+            prepared = prepared.select(range(min(len(prepared), max_eval_samples)))
+        test_texts = list(prepared["text"]) if "text" in prepared.column_names else []
+        log(f"loaded prepared test split from {cfg['prepared']} ({len(prepared)} rows)")
+    else:
+        splits = load_splits(cfg["data"])
+        test_texts = list(splits["test"]["text"])
+        if max_eval_samples and max_eval_samples > 0:
+            test_texts = test_texts[:max_eval_samples]
     if prompts_file:
         samples = [{"prompt": p} for p in read_prompts(prompts_file)]
+    elif prepared is not None and "prompt" in prepared.column_names:
+        n = min(num_test_prompts, len(prepared))
+        samples = [{"prompt": p, "reference": r} for p, r in zip(prepared["prompt"][:n], prepared["response"][:n])]
     else:
-        template = cfg["data"].get("template") or " ".join(f"{c}: {{{c}}}" for c in cfg["data"].get("columns", []))
-        samples = prompts_from_texts(list(splits["test"]["text"]), template, num_test_prompts)
+        samples = prompts_from_texts(test_texts, template, num_test_prompts)
     prompts = [s["prompt"] for s in samples]
     log(f"device={device} dtype={dtype} test examples={len(test_texts)} prompts={len(prompts)}")
 
+    reward_eval = None
+    if cfg.get("reward"):  # a grpo stage's rewards: mean reward of greedy completions, held-out prompts
+        from hpcjobs.train.rewards import RewardEval
+
+        reward_eval = RewardEval(cfg["data"], cfg["reward"], max_new_tokens)
     losses: dict[str, float | None] = {}
     tokens = 0
     for name, path in (("base", base), ("merged", merged)):
         t = time.time()
         model, tok = load_model(str(Path(path).resolve()), device, dtype)
-        loss, tokens = eval_loss(model, tok, test_texts, max_length, batch_size, device) if test_texts else (
-            float("nan"),
-            0,
-        )
+        if prepared is not None:
+            loss, tokens = eval_loss_prepared(model, tok, prepared, batch_size, device)
+        else:
+            loss, tokens = eval_loss(model, tok, test_texts, max_length, batch_size, device) if test_texts else (
+                float("nan"),
+                0,
+            )
         losses[name] = _finite_or_none(loss)
         outs = generate(model, tok, prompts, max_new_tokens, device)
         for s, o in zip(samples, outs):
             s[name] = o
+        if reward_eval is not None:
+            reward_eval.run(name, model, tok, device)
+            log(f"{name}: mean reward {reward_eval.results[name]['mean_reward']}")
         log(f"{name}: eval_loss={losses[name]} ({tokens} tokens) in {time.time() - t:.1f}s")
         del model
         if device == "cuda":
@@ -274,7 +332,9 @@ def evaluate(
     report = {
         "eval_loss": losses,
         "perplexity": {k: (math.exp(v) if v is not None and v < 50 else None) for k, v in losses.items()},
-        "eval_examples": len(test_texts),
+        "eval_examples": len(prepared) if prepared is not None else len(test_texts),
+        "prepared": cfg.get("prepared"),
+        "labels": cfg.get("labels") or {"base": "base", "merged": "merged"},
         "eval_tokens": tokens,
         "samples": [
             {"prompt": s["prompt"], "base": s["base"], "merged": s["merged"], **({"reference": s["reference"]}
@@ -297,6 +357,8 @@ def evaluate(
         "prompts_file": str(Path(prompts_file).resolve()) if prompts_file else None,
         "seconds": round(time.time() - t0, 2),
     }
+    if reward_eval is not None:
+        report["reward"] = reward_eval.report()
     write_reports(Path(output), report)
     log(f"reports written to {Path(output).resolve()}/report.{{md,json}}")
     return report

@@ -16,17 +16,23 @@ the directory of train.json)::
     output_dir        where rank 0 saves the final adapter (+ tokenizer)
     checkpoint_dir    Trainer checkpoints (checkpoint-<global step>/)
     progress_file     JSON lines for `hpcjobs watch` (rank 0 appends); optional
+    tensorboard_dir   where TensorBoard event files go (train.report_to has tensorboard); optional
+    memory_file       memory_measured.json, the measured memory of every rank
+                      (hpcjobs.train.memory); optional
     deepspeed_config  ds_config.json path or null (plain DDP / single process)
     resume            "auto" (latest complete checkpoint-* if any) | "never" | a checkpoint path
     device            "cuda" | "cpu" (default: cuda when available)
     data              {path, columns, template, split, seed}  -- see hpcjobs.train.data
-    lora              {r, alpha, dropout, target_modules, bias}
+    prepared          a prepare stage's output (hpcjobs.train.prepare), loaded instead of
+                      tokenizing ``data`` on every rank; padded by DataCollatorForSeq2Seq
+    lora              {r, alpha, dropout, target_modules, bias, enabled (false: full finetune)}
     train             {micro_batch_size, gradient_accumulation_steps, learning_rate,
                        max_steps, num_train_epochs, warmup_steps, lr_scheduler_type,
                        max_seq_length, gradient_checkpointing, precision (bf16|fp16|fp32),
                        max_grad_norm, logging_steps, save_steps, save_total_limit,
                        eval_steps, seed, optim, packing (default false),
-                       eval_batch_size (default micro_batch_size)}
+                       eval_batch_size (default micro_batch_size),
+                       report_to (the Trainer's integrations, a list; default [])}
 
 Preemption: SIGUSR2 on any rank makes every rank stop after the current
 optimizer step (the flag is all-reduced at each step end), save a checkpoint,
@@ -52,6 +58,7 @@ end-of-sequence token appended by TRL is still learned.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -88,6 +95,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "optim": "adamw_torch",
     "packing": False,
     "eval_batch_size": None,
+    "report_to": [],
 }
 LORA_DEFAULTS: dict[str, Any] = {
     "r": 8,
@@ -135,6 +143,8 @@ def load_train_config(path: str | os.PathLike) -> dict[str, Any]:
         Path(cfg["output_dir"]).parent / "checkpoints"
     )
     cfg["progress_file"] = absolute("progress_file", raw.get("progress_file"))
+    cfg["tensorboard_dir"] = absolute("tensorboard_dir", raw.get("tensorboard_dir"))
+    cfg["memory_file"] = absolute("memory_file", raw.get("memory_file"))
     cfg["deepspeed_config"] = absolute("deepspeed_config", raw.get("deepspeed_config"))
 
     resume = raw.get("resume", "auto")
@@ -157,6 +167,8 @@ def load_train_config(path: str | os.PathLike) -> dict[str, Any]:
         raise HpcjobsError(f"{p}: data.path: required")
     data["path"] = absolute("data.path", data["path"])
     cfg["data"] = data
+    # A prepare stage's output: loaded instead of tokenizing data.* on every rank.
+    cfg["prepared"] = absolute("prepared", raw.get("prepared"))
 
     lora = {**LORA_DEFAULTS, **(raw.get("lora") or {})}
     cfg["lora"] = lora
@@ -169,6 +181,12 @@ def load_train_config(path: str | os.PathLike) -> dict[str, Any]:
     for key in ("micro_batch_size", "gradient_accumulation_steps", "max_seq_length"):
         if not isinstance(train[key], int) or train[key] < 1:
             raise HpcjobsError(f"{p}: train.{key}: expected a positive integer, got {train[key]!r}")
+    report = train["report_to"]
+    if isinstance(report, str):
+        report = [report]
+    if not isinstance(report, list) or not all(isinstance(r, str) for r in report):
+        raise HpcjobsError(f"{p}: train.report_to: expected a list of integration names, got {report!r}")
+    train["report_to"] = [r for r in report if r != "none"]
     cfg["train"] = train
     return cfg
 
@@ -223,6 +241,35 @@ def setup_environment(device: str, local_size: int = 1) -> None:
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+# What each integration reads to decide where its curves go (shown in the first log lines;
+# secrets such as WANDB_API_KEY are never printed).
+_WHERE_ENV = {"wandb": ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT"),
+              "mlflow": ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")}
+
+
+def curves_lines(report_to: list[str], tensorboard_dir: str | None) -> list[str]:
+    """"curves: ..." lines naming where each reporting integration writes."""
+    import re
+    import shlex
+
+    if not report_to:
+        return ["curves: report_to is empty: none besides progress.jsonl"]
+    lines = []
+    for name in report_to:
+        if name == "tensorboard" and tensorboard_dir:
+            tb = Path(tensorboard_dir)
+            if tb.name.startswith("attempt-") and tb.parent.parent.name == "tensorboard":  # hpcjobs' layout
+                lines.append(f"curves: tensorboard --logdir {shlex.quote(str(tb.parent.parent))} "
+                             f"(this run: {tb.parent.name}/{tb.name})")
+            else:
+                lines.append(f"curves: tensorboard --logdir {shlex.quote(str(tb))}")
+            continue
+        env = [f"{k}={re.sub(r'//[^/@]*@', '//', os.environ[k])}" for k in _WHERE_ENV.get(name, ())
+               if os.environ.get(k)]
+        lines.append(f"curves: {name}" + (f" ({' '.join(env)})" if env else ""))
+    return lines
 
 
 def log(msg: str) -> None:
@@ -551,6 +598,9 @@ def main(argv: list[str] | None = None) -> int:
             f"deepspeed={'yes' if cfg['deepspeed_config'] else 'no'}"
         )
         progress = ProgressWriter(cfg["progress_file"], info["rank"] == 0)
+        if info["rank"] == 0:
+            for line in curves_lines(cfg["train"]["report_to"], cfg["tensorboard_dir"]):
+                log(line)
         preempt.file = cfg.get("preempt_file")
         planned = cfg.get("world_size")
         if planned and planned != info["world_size"]:
@@ -596,12 +646,30 @@ def run(cfg: dict, device: str, info: dict, preempt: PreemptFlag, progress: Prog
     model_path = cfg["model_path"]
     if not Path(model_path, "config.json").is_file():
         raise HpcjobsError(f"{model_path}: not a Hugging Face model directory (no config.json)")
-    splits = load_splits(cfg["data"])
-    if info["rank"] == 0:
-        log(f"data: train={len(splits['train'])} test={len(splits['test'])} eval={len(splits['eval'])} rows")
+    if cfg.get("prepared"):
+        from hpcjobs.train.prepare import MODEL_COLUMNS, load_prepared
+
+        # Tokenized once by the prepare stage: memory-mapped Arrow files, no work per rank.
+        splits = load_prepared(cfg["prepared"])
+        splits = {k: v.select_columns(list(MODEL_COLUMNS)) for k, v in splits.items()}
+        if info["rank"] == 0:
+            log(f"data: loaded prepared dataset {cfg['prepared']} (train={len(splits['train'])} "
+                f"eval={len(splits['eval'])} rows; no tokenization)")
+    else:
+        splits = load_splits(cfg["data"])
+        if info["rank"] == 0:
+            log(f"data: train={len(splits['train'])} test={len(splits['test'])} eval={len(splits['eval'])} rows")
 
     eval_steps = t.get("eval_steps")
     report_eval = bool(eval_steps)
+    tensorboard: dict[str, Any] = {}
+    if "tensorboard" in t["report_to"] and cfg["tensorboard_dir"]:
+        # transformers 5 dropped TrainingArguments.logging_dir: its TensorBoardCallback reads
+        # this variable when the Trainer is built (4.x takes logging_dir). train.json decides,
+        # so the "curves:" line is where they are.
+        os.environ["TENSORBOARD_LOGGING_DIR"] = cfg["tensorboard_dir"]
+        if "logging_dir" in {f.name for f in dataclasses.fields(SFTConfig)}:
+            tensorboard["logging_dir"] = cfg["tensorboard_dir"]
     sft_args = SFTConfig(
         output_dir=cfg["checkpoint_dir"],
         per_device_train_batch_size=t["micro_batch_size"],
@@ -615,6 +683,9 @@ def run(cfg: dict, device: str, info: dict, preempt: PreemptFlag, progress: Prog
         max_length=t["max_seq_length"],
         packing=bool(t.get("packing")),
         dataset_text_field="text",
+        # prepared: already tokenized, labelled and cut; SFTTrainer must not map over it again
+        dataset_kwargs={"skip_prepare_dataset": True} if cfg.get("prepared") else None,
+        include_num_input_tokens_seen="non_padding",  # real tokens, for throughput
         **{_checkpointing_field(SFTConfig): bool(t["gradient_checkpointing"])},
         bf16=t["precision"] == "bf16",
         fp16=t["precision"] == "fp16",
@@ -631,7 +702,8 @@ def run(cfg: dict, device: str, info: dict, preempt: PreemptFlag, progress: Prog
         optim=t["optim"],
         deepspeed=cfg["deepspeed_config"],
         use_cpu=use_cpu,
-        report_to="none",
+        report_to=list(t["report_to"]) or "none",
+        **tensorboard,
         disable_tqdm=True,
         log_level="warning",
         log_level_replica="warning",
@@ -671,13 +743,16 @@ def run(cfg: dict, device: str, info: dict, preempt: PreemptFlag, progress: Prog
         target_modules=list(lora["target_modules"]),
         bias=lora["bias"],
         task_type="CAUSAL_LM",
-    )
+    ) if lora.get("enabled", True) else None  # None: full finetuning, the output is the whole model
 
     resume_from = find_resume_checkpoint(
         cfg["checkpoint_dir"], cfg["resume"], deepspeed=bool(cfg["deepspeed_config"])
     )
     info["resumed_from"] = resume_from
     progress_cb, preempt_cb = make_callbacks(progress, preempt, global_batch, info)
+    from hpcjobs.train import memory
+
+    probe = memory.MemoryProbe()
     trainer = SFTTrainer(
         model=model,
         args=sft_args,
@@ -685,16 +760,23 @@ def run(cfg: dict, device: str, info: dict, preempt: PreemptFlag, progress: Prog
         eval_dataset=splits["eval"] if report_eval and len(splits["eval"]) else None,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[progress_cb, preempt_cb],
+        # prepared labels (-100 on prompts) padded with -100, inputs to a multiple of 8
+        data_collator=prepared_collator(tokenizer) if cfg.get("prepared") else None,
+        callbacks=[progress_cb, preempt_cb, memory.probe_callback(probe)],
     )
     trainer.remove_callback(PrinterCallback)  # our ProgressCallback prints the step lines
     if info["rank"] == 0:
-        trainable, total = trainer.model.get_nb_trainable_parameters()
-        log(f"lora: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in trainer.model.parameters())
+        if peft_config is not None:
+            trainable, total = trainer.model.get_nb_trainable_parameters()
+        log(f"{'lora' if peft_config is not None else 'full finetune'}: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
         if resume_from:
             log(f"resuming from {resume_from}")
 
     result = trainer.train(resume_from_checkpoint=resume_from)
+    # Every rank gets here (finished or stopped for the time limit): a collective is safe.
+    memory.gather_and_write(cfg["memory_file"], probe.record(info["rank"]))
 
     if preempt_cb.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
         step = preempt_cb.stopped_at
@@ -722,9 +804,15 @@ def run(cfg: dict, device: str, info: dict, preempt: PreemptFlag, progress: Prog
             train_loss=_finite(getattr(result, "training_loss", None)),
         )
         progress.event("end", **summary)
-        log(f"done: adapter saved to {cfg['output_dir']} (step {trainer.state.global_step})")
+        log(f"done: {'adapter' if peft_config is not None else 'model'} saved to {cfg['output_dir']} (step {trainer.state.global_step})")
     _shutdown()
     return 0
+
+
+def prepared_collator(tokenizer):
+    from hpcjobs.train.prepare import collator
+
+    return collator(tokenizer)
 
 
 def _shutdown() -> None:

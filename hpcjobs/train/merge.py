@@ -12,6 +12,8 @@
   (~28 GB for a 7B model) on the chosen device.
 * The tokenizer files are copied byte-for-byte from the base model directory
   (falling back to the adapter directory, then to ``save_pretrained``).
+* A whole model instead of an adapter (a full finetune, ``lora.enabled: false``) is copied
+  to OUTPUT unchanged, so the chain's later stages find it where they look.
 * The output is written to ``OUTPUT.tmp-<pid>`` and moved into place at the
   end, so a killed merge never leaves a half-written model at OUTPUT.
   ``OUTPUT/merge_info.json`` records base, adapter and dtype.
@@ -96,6 +98,22 @@ def fix_permissions(directory: Path) -> None:
             p.chmod(0o666 & ~mask)
 
 
+def copy_full_model(model: str, output: str, t0: float) -> Path:
+    """A fully finetuned model passes through as a copy, so later stages find it where merge writes."""
+    out = Path(output).resolve()
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model, tmp)
+    (tmp / "merge_info.json").write_text(json.dumps({"full_model": model, "copied": True, "time": time.time()},
+                                                    indent=2) + "\n")
+    fix_permissions(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log(f"{model} is a whole model (full finetune, no adapter): copied to {out} in {time.time() - t0:.1f}s")
+    return out
+
+
 def merge(
     adapter: str,
     output: str,
@@ -110,6 +128,8 @@ def merge(
 
     t0 = time.time()
     adapter = str(Path(adapter).resolve())
+    if not (Path(adapter) / "adapter_config.json").is_file() and (Path(adapter) / "config.json").is_file():
+        return copy_full_model(adapter, output, t0)  # a full finetune (lora.enabled false): nothing to merge
     base = resolve_base(adapter, base)
     dtype = dtype or base_dtype_name(base)
     if dtype not in DTYPES:
