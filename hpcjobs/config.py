@@ -307,8 +307,9 @@ def _check_sections(cfg: DictConfig, layer: Layer) -> None:
             return
         for k, v in data.items():
             key = f"{prefix}{k}"
-            child = node.get(k) if isinstance(node, DictConfig) and not OmegaConf.is_missing(node, k) \
-                and k in node else None
+            # the node itself, unresolved: node.get() would resolve a ${...} default that points
+            # at a value a later layer is still to give (MissingMandatoryValue)
+            child = node._get_node(k) if isinstance(node, DictConfig) and k in node else None
             if isinstance(child, DictConfig):
                 if v is not None and not isinstance(v, dict):
                     src, line = layer.where(key)

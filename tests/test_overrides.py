@@ -114,6 +114,16 @@ def test_cross_references_resolve_against_the_whole_tree(hpcjobs_home):
     assert p.stage("merge").cfg.adapter == str(p.run_dir / "adapter2")     # the recipe's link follows
 
 
+def test_setting_a_key_whose_default_points_at_a_missing_value(hpcjobs_home):
+    """convert.input's default is ${model.source}; giving convert.input without model.source
+    must work (the section check must not resolve the default while the layers merge)."""
+    composed = config.compose("llama2-lora", "a800", overrides=["convert.input=/models/llama-2-7b",
+                                                                  "data.path=/data/d.parquet"])
+    with pytest.raises(ConfigError) as e:
+        plan.build(composed)
+    assert "model.source" in str(e.value) and "required" in str(e.value)
+
+
 @pytest.mark.parametrize("override, key, needle", [
     ("finetune.output=${nonexistent}", "finetune.output", "not found"),
     ("evaluate.max_seq_length=${evaluate.max_seq_length}", "evaluate.max_seq_length", "Recursive"),
