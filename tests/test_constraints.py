@@ -379,8 +379,7 @@ def _fix_up(values):
     gpus = v.get("profile.gpus_per_node", 8)
     if gpus == 0:
         v["profile.gpus_per_node"] = gpus = 1
-    for key in ("profile.train_gpus_per_node", "convert.gpus_per_node", "merge.gpus_per_node",
-                "evaluate.gpus_per_node", "finetune.gpus_per_node"):
+    for key in [k for k in v if k.endswith("gpus_per_node") and k != "profile.gpus_per_node"]:
         if v.get(key) is not None:
             v[key] = min(v[key], gpus)
     if v.get("finetune.gpus_per_node") == 0:

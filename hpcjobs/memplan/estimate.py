@@ -71,7 +71,32 @@ Framework overhead: a CUDA context with PyTorch's kernels and cuBLAS workspace
 communicator buffers (:data:`NCCL_BUFFERS`, per-channel buffers of NCCL_BUFFSIZE = 4 MiB for
 each ring/tree peer; a few hundred MiB on an 8-GPU node), none on the CPU accelerator.
 
+GRPO (TRL 1.16 GRPOTrainer, generation with the policy's own ``generate``); every term below is
+zero, and absent from the breakdown, unless the setup asks for it:
+  reference model (``ref_model``): TRL loads a frozen copy of the model when ``beta`` > 0 and the
+  policy is not a PEFT model (with LoRA the adapter-disabled policy is the reference), in the
+  policy's dtype, w·Ψ; DeepSpeed prepares it for inference keeping ZeRO-3 (partitioned, w·Ψ/N;
+  its persistent small tensors and the one module gathered while it scores are not counted) and
+  turning stages 1-2 into 0 (whole, w·Ψ); with offload_param=cpu under ZeRO-3 its partition is on
+  the host. Resident in every phase.
+  generation (``generation_batch`` sequences a rank generates at once, TRL's
+  per_device_train_batch_size × steps_per_generation, of ``generation_tokens`` = prompt +
+  completion tokens): the KV cache 2 (K and V) × L × kv heads × head size × tokens × batch × w;
+  under ZeRO-3 TRL gathers the whole policy for ``generate`` (``ds3_gather_for_generation``),
+  w·Ψ on every rank besides its partition; the logits of one decoding step, batch × V × (w + 4 +
+  4 + 4) (the last position only, its fp32 copy, the processed logits and the sampling
+  probabilities); and the prefill's transient tensors of one block, batch × tokens × (4·h + 3·i)
+  × w (an upper bound: the prefill covers the prompt only). Gradients as in forward/loss.
+  fused log-probs (``fused_logprobs``): the loss pass over prompt + completion with the training
+  micro batch never materialises the logits: TRL's chunked head keeps one tile of
+  min(b·s, 4096) × min(V, 32768) elements in w and a few fp32 statistics per token (8·4 bytes:
+  log-prob, entropy, the online log-sum-exp state, the old/reference log-probs, advantages); in
+  backward the tile again, the fp32 gradient accumulator of lm_head (V·h·4) and of its input
+  (b·s·h·4). The activations are those of a training micro batch over prompt + completion.
+
 Phases: the peak is the largest of
+  generation    (GRPO only) weights (whole under ZeRO-3) + optimizer states + reference model +
+                KV cache + prefill activations + decoding logits
   forward/loss  weights + optimizer states + all stored activations + logits/loss
   backward      weights + optimizer states + gradients + all stored activations + fp32 logits
                 gradient + reduction buckets (an upper bound: in reality activations are
@@ -83,7 +108,8 @@ that is what the headroom is for.
 Host memory per node: G × (what each rank offloaded) during training, or, at load time,
 G × the 16-bit (or fp32) weights each rank materialises from the checkpoint before DeepSpeed
 moves them to the GPU, plus :data:`HOST_PER_RANK` for each process (Python, torch, CUDA host
-allocations, data loader).
+allocations, data loader). With a reference model, its offloaded partition counts in training and
+its weights are loaded too (both copies exist on the host before DeepSpeed moves them).
 """
 
 from __future__ import annotations
@@ -110,6 +136,12 @@ DEFAULT_PERSISTENCE_THRESHOLD = 100_000    # DeepSpeed's stage3_param_persistenc
 
 COMPONENTS = ("weights", "gradients", "optimizer states", "activations", "logits/loss",
               "DeepSpeed buffers", "framework overhead")
+EXTRA_COMPONENTS = ("reference model", "KV cache")
+"""GRPO's components: "reference model" is in a breakdown only with a reference model, "KV cache" only
+with a generation phase."""
+ALL_COMPONENTS = COMPONENTS + EXTRA_COMPONENTS
+FUSED_TOKEN_CHUNK = 4096                   # TRL 1.16 kernels/chunked_logprob.py TOKEN_CHUNK_SIZE
+FUSED_VOCAB_CHUNK = 32768                  # TRL 1.16 trainer/utils.py _CHUNKED_LOGPROB_CHUNK_SIZE
 HOST_COMPONENTS = ("offloaded weights", "offloaded gradients", "offloaded optimizer states",
                    "loaded checkpoint", "processes")
 
@@ -137,6 +169,11 @@ class TrainSetup:
     persistence_threshold: int = DEFAULT_PERSISTENCE_THRESHOLD   # ZeRO-3: smaller tensors stay whole
     overlap_comm: bool = True
     accelerator: str = "cuda"              # cpu: no CUDA context / NCCL
+    # GRPO (see the module docstring); the defaults leave every other plan unchanged
+    ref_model: bool = False                # a frozen reference copy of the model (beta > 0, not LoRA)
+    generation_batch: int = 0              # sequences one rank generates at once (0: no generation phase)
+    generation_tokens: int = 0             # prompt + completion tokens of each generated sequence
+    fused_logprobs: bool = False           # per-token log-probs by TRL's chunked head (no full logits)
 
     @property
     def trainable(self) -> int:
@@ -336,6 +373,8 @@ def logits_bytes(t: TrainSetup) -> tuple[int, int]:
     """(forward/loss, backward) bytes of the logits: lm_head output, fp32 copy, log-softmax."""
     if not t.shape.decoder:
         return 0, 0
+    if t.fused_logprobs:
+        return fused_logprobs_bytes(t)
     sbv = t.seq_len * t.micro_batch * t.shape.vocab
     w = _w(t.precision)
     fwd = sbv * w + (sbv * 4 if w != 4 else 0) + sbv * 4
@@ -381,7 +420,58 @@ def phase_components(t: TrainSetup) -> Dict[str, Dict[str, int]]:
                                           buf_bwd, over))),
         "step": dict(zip(COMPONENTS, (ms.gpu_weights, ms.gpu_grads, ms.gpu_optimizer, 0, 0, buf_step, over))),
     }
-    return phases_c
+    if not (t.ref_model or t.generation_batch > 0):
+        return phases_c
+    ref_gpu, _ = reference_model_bytes(t)
+    extra = {**({"reference model": ref_gpu} if t.ref_model else {}),
+             **({"KV cache": 0} if t.generation_batch > 0 else {})}
+    for comps in phases_c.values():
+        comps.update(extra)
+    if t.generation_batch <= 0:
+        return phases_c
+    w = _w(t.precision)
+    gathered = (t.total * w - ms.breakdown["gathered"]) if t.zero_stage == 3 else 0
+    gen = dict(zip(COMPONENTS, (ms.gpu_weights + gathered, grads_fwd, ms.gpu_optimizer,
+                                generation_activation_bytes(t), generation_logits_bytes(t), 0, over)))
+    gen.update({**extra, "KV cache": kv_cache_bytes(t)})
+    return {"generation": gen, **phases_c}
+
+
+def reference_model_bytes(t: TrainSetup) -> tuple[int, int]:
+    """(GPU, host) bytes of one rank's reference model (GRPO with beta > 0, not LoRA)."""
+    if not t.ref_model:
+        return 0, 0
+    n = t.shape.total * _w(t.precision)
+    if t.zero_stage == 3:
+        part = n // max(1, t.world_size)
+        return (0, part) if t.offload_param == "cpu" else (part, 0)
+    return n, 0
+
+
+def kv_cache_bytes(t: TrainSetup) -> int:
+    """The KV cache of one rank's generation batch: 2 × L × kv heads × head size × tokens × batch × w."""
+    sh = t.shape
+    return 2 * sh.layers * sh.kv_heads * sh.head_dim * t.generation_tokens * t.generation_batch * _w(t.precision)
+
+
+def generation_logits_bytes(t: TrainSetup) -> int:
+    """One decoding step's logits: the last position (w), its fp32 copy, processed logits, probabilities."""
+    if not t.shape.decoder:
+        return 0
+    return t.generation_batch * t.shape.vocab * (_w(t.precision) + 12)
+
+
+def generation_activation_bytes(t: TrainSetup) -> int:
+    """The prefill's transient tensors of one block (upper bound over prompt + completion tokens)."""
+    sh = t.shape
+    return t.generation_batch * t.generation_tokens * (4 * sh.hidden + 3 * sh.intermediate) * _w(t.precision)
+
+
+def fused_logprobs_bytes(t: TrainSetup) -> tuple[int, int]:
+    """(forward/loss, backward) bytes of TRL's chunked log-prob head over b·s tokens."""
+    n = t.seq_len * t.micro_batch
+    tile = min(n, FUSED_TOKEN_CHUNK) * min(t.shape.vocab, FUSED_VOCAB_CHUNK) * _w(t.precision)
+    return tile + n * 4 * 8, tile + t.shape.vocab * t.shape.hidden * 4 + n * t.shape.hidden * 4
 
 
 def plan_memory(t: TrainSetup) -> MemoryPlan:
@@ -392,9 +482,11 @@ def plan_memory(t: TrainSetup) -> MemoryPlan:
 
     G = max(1, t.ranks_per_node)
     w = _w(t.precision)
-    train_host = dict(zip(HOST_COMPONENTS, (G * ms.host_weights, G * ms.host_grads, G * ms.host_optimizer, 0,
-                                            G * HOST_PER_RANK)))
-    load_host = dict(zip(HOST_COMPONENTS, (0, 0, 0, G * t.shape.total * w, G * HOST_PER_RANK)))
+    _, ref_host = reference_model_bytes(t)
+    ref_load = t.shape.total * w if t.ref_model else 0
+    train_host = dict(zip(HOST_COMPONENTS, (G * (ms.host_weights + ref_host), G * ms.host_grads,
+                                            G * ms.host_optimizer, 0, G * HOST_PER_RANK)))
+    load_host = dict(zip(HOST_COMPONENTS, (0, 0, 0, G * (t.shape.total * w + ref_load), G * HOST_PER_RANK)))
     if sum(train_host.values()) >= sum(load_host.values()):
         host, host_phase = train_host, "training"
     else:

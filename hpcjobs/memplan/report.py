@@ -10,13 +10,13 @@ DeepSpeed config's ZeRO stage, offload and bucket sizes, precision, micro batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..constraints import _MEM_FACTOR, _MEM_RE
 from ..errors import ConfigError
-from .estimate import (COMPONENTS, HOST_COMPONENTS, MiB, MemoryPlan, TrainSetup, DEFAULT_ALLGATHER_BUCKET,
+from .estimate import (ALL_COMPONENTS, COMPONENTS, HOST_COMPONENTS, MiB, MemoryPlan, TrainSetup, DEFAULT_ALLGATHER_BUCKET,
                        DEFAULT_PREFETCH_BUCKET, DEFAULT_REDUCE_BUCKET, fmt_bytes, phase_components, plan_memory)
 from .params import ModelShape, UnsupportedModel, load_config
 from .search import Limits, Pick, describe, nearest
@@ -50,6 +50,9 @@ class StageMemory:
     margin: int = 0                         # kept free on the GPU by ``auto`` choices
     auto: Optional[Dict[str, Any]] = None   # the planner's choice: chosen values, why, margin
     enforced: bool = True                   # submit refuses a stage that does not fit (not on a CPU profile)
+    label: Optional[str] = None             # what is trained, in the header (None: full finetune / LoRA)
+    details: List[str] = field(default_factory=list)   # extra setup lines (GRPO's generation, reference model)
+    fixed: Tuple[str, ...] = ()             # search keys the stage has no setting for (refusal hints skip them)
 
     @property
     def gpu_fits(self) -> Optional[bool]:
@@ -68,7 +71,10 @@ class StageMemory:
                       "seq_len": t.seq_len, "precision": t.precision, "zero_stage": t.zero_stage,
                       "offload_optimizer": t.offload_optimizer, "offload_param": t.offload_param,
                       "gradient_checkpointing": t.gradient_checkpointing, "lora_r": t.lora_r,
-                      "lora_targets": list(t.lora_targets)},
+                      "lora_targets": list(t.lora_targets),
+                      **({"ref_model": t.ref_model, "generation_batch": t.generation_batch,
+                          "generation_tokens": t.generation_tokens}
+                         if t.ref_model or t.generation_batch else {})},
             "gpu": {"components": p.gpu, "phase": p.gpu_phase, "phases": p.phases, "peak": p.gpu_peak,
                     "capacity": self.gpu_mem, "fits": self.gpu_fits,
                     "headroom": None if self.gpu_mem is None else self.gpu_mem - p.gpu_peak},
@@ -174,6 +180,43 @@ def stage_memory(plan, sp) -> StageMemory:
                        margin=lim.margin, auto=sp.extra.get(AUTO_EXTRA), enforced=enforced)
 
 
+def ds_numbers(ds: Optional[Dict[str, Any]], hidden: int) -> Dict[str, Any]:
+    """The ZeRO stage, offload and bucket fields of a TrainSetup from a DeepSpeed JSON as the job's
+    DeepSpeed reads it: a number is used; ``"auto"`` is what the HF Trainer fills from the hidden
+    size; absent, DeepSpeed's own default (5e8-element buckets, overlap_comm only for ZeRO-3)."""
+    zero = (ds or {}).get("zero_optimization") or {}
+    stage = _num(zero.get("stage"), 0)
+
+    def pick(key: str, auto: int, default: int) -> int:
+        value = zero.get(key)
+        return auto if value == "auto" else _num(value, default)
+
+    overlap = zero.get("overlap_comm")
+    return dict(zero_stage=stage, offload_optimizer=_device(zero.get("offload_optimizer")),
+                offload_param=_device(zero.get("offload_param")),
+                reduce_bucket_size=pick("reduce_bucket_size", hidden * hidden, 500_000_000),
+                allgather_bucket_size=pick("allgather_bucket_size", 500_000_000, 500_000_000),
+                prefetch_bucket_size=pick("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden), 50_000_000),
+                persistence_threshold=pick("stage3_param_persistence_threshold", 10 * hidden, 100_000),
+                overlap_comm=stage == 3 if not isinstance(overlap, bool) else overlap)
+
+
+def kind_memory(plan, sp, shape: ModelShape, config_path: Path, setup: TrainSetup, notes: List[str], *,
+                label: Optional[str] = None, details: Sequence[str] = (), fixed: Sequence[str] = ()) -> StageMemory:
+    """The StageMemory of a kind's own TrainSetup (pretrain, grpo): the profile's capacities, and the
+    verdict enforced except on a CPU profile, as for finetune."""
+    lim = limits(plan.chain, sp.mem)
+    notes = list(notes)
+    if lim.gpu is None:
+        notes.append(f"profile {plan.profile} has no gpu_mem: set profile.gpu_mem (e.g. 80G) to compare")
+    enforced = plan.chain.profile.accelerator != "cpu"
+    if not enforced and lim.gpu is not None:
+        notes.append(f"profile {plan.profile} trains on the CPU: its gpu_mem is a stand-in, not enforced")
+    return StageMemory(sp.name, config_path, shape, plan_memory(setup), lim.gpu, lim.host, notes,
+                       margin=lim.margin, auto=None, enforced=enforced, label=label, details=list(details),
+                       fixed=tuple(fixed))
+
+
 def plan_chain(plan, *, strict: bool = True) -> List[StageMemory]:
     """The memory plan of every stage whose kind predicts one (:meth:`StageKind.memory`).
 
@@ -235,19 +278,21 @@ def print_report(stages: List[StageMemory], profile: str, *, stderr: bool = Fals
         return
     for sm in stages:
         t, p = sm.plan.setup, sm.plan
+        what = sm.label or (f"LoRA r={t.lora_r} on {', '.join(t.lora_targets)}" if t.lora_r is not None
+                            else "full finetune")
         con.print(f"[bold]{sm.stage}[/bold]: {sm.shape.arch}, {sm.shape.total:,} parameters "
-                  f"({sm.config_path}), {t.trainable:,} trainable "
-                  + (f"(LoRA r={t.lora_r} on {', '.join(t.lora_targets)})" if t.lora_r is not None
-                     else "(full finetune)"), markup=True)
+                  f"({sm.config_path}), {t.trainable:,} trainable ({what})", markup=True)
         con.print(f"  world size {t.world_size} ({t.ranks_per_node} per node), micro batch {t.micro_batch}, "
                   f"sequence {t.seq_len}, {t.precision}, ZeRO-{t.zero_stage}, offload optimizer "
                   f"{t.offload_optimizer} / params {t.offload_param}, gradient checkpointing "
                   f"{'on' if t.gradient_checkpointing else 'off'}, vocabulary {sm.shape.vocab:,}")
+        for line in sm.details:
+            con.print(f"  {line}", markup=False)
         if sm.auto:
             con.print(f"  {auto_line(sm)}", markup=False)
         table = _table("per GPU rank", *p.phases.keys())
         comps = phase_components(t)
-        for c in COMPONENTS:
+        for c in (c for c in ALL_COMPONENTS if c in next(iter(comps.values()))):
             table.add_row(c, *(fmt_bytes(comps[ph][c]) for ph in p.phases))
         table.add_row("[bold]total[/bold]", *(f"[bold]{fmt_bytes(v)}[/bold]" for v in p.phases.values()))
         con.print(table)
@@ -278,7 +323,7 @@ def verdict_lines(sm: StageMemory) -> List[str]:
 
 def nearest_fits(sm: StageMemory) -> List[Pick]:
     """Setups close to the stage's that the planner predicts to fit (with its margin)."""
-    return nearest(sm.plan.setup, Limits(sm.gpu_mem, sm.margin, sm.host_mem))
+    return nearest(sm.plan.setup, Limits(sm.gpu_mem, sm.margin, sm.host_mem), fixed=sm.fixed)
 
 
 def _shortfall(sm: StageMemory) -> str:

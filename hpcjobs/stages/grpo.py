@@ -97,6 +97,9 @@ class GrpoStage(StageCfg):
     generation_batch_size: Optional[int] = number(None, ge=1)
     """Completions generated at once over all ranks; None: micro × world size × steps_per_generation."""
     max_completion_length: int = number(256, ge=1)
+    memory_prompt_length: int = number(512, ge=1)
+    """Prompt tokens the memory planner assumes for each sequence (TRL 1.16 does not truncate
+    prompts, so keep the longest prompt within it); only `hpcjobs plan` and the submit check use it."""
     temperature: float = number(1.0, gt=0)
     beta: float = number(0.0, ge=0)
     """KL coefficient against the reference model; 0 (TRL's default) loads no reference model."""
@@ -472,6 +475,43 @@ class Grpo(StageKind):
     def sbatch(self, ctx: PlanContext):
         return time_limit_signal(ctx)
 
+    def memory(self, plan, sp):
+        """The policy as a full training setup over prompt + completion tokens with the micro batch
+        (TRL's fused log-prob head: no full logits), plus the reference model when TRL loads one
+        (beta > 0; this kind trains no PEFT adapter) and the generation phase: the KV cache of the
+        micro_batch × steps_per_generation sequences one rank generates at once
+        (:mod:`hpcjobs.memplan.estimate`)."""
+        from ..memplan import report
+        from ..memplan.estimate import TrainSetup
+
+        if "memory_plan" in sp.extra:   # render, submit and the CLI all ask: predict once
+            return sp.extra["memory_plan"]
+        s: GrpoStage = sp.cfg
+        shape, cfg_path = report.load_shape(plan.chain, sp.name, s.model)
+        ds = sp.ds_config or {}
+        world = sp.world_size or sp.nodes * max(1, sp.gpus_per_node)
+        micro = report._num(ds.get("train_micro_batch_size_per_gpu"), s.micro_batch_size)
+        spg = sp.extra["generation"]["steps_per_generation"]
+        tokens = s.memory_prompt_length + s.max_completion_length
+        numbers = report.ds_numbers(ds, shape.hidden)
+        if (ds.get("zero_optimization") or {}).get("stage") == "auto":
+            numbers["zero_stage"] = s.zero_stage
+        setup = TrainSetup(
+            shape=shape, world_size=world, ranks_per_node=max(1, world // max(1, sp.nodes)), micro_batch=micro,
+            grad_accum=report._num(ds.get("gradient_accumulation_steps"), s.grad_accum), seq_len=tokens,
+            precision=s.precision, gradient_checkpointing=bool(s.gradient_checkpointing), lora_r=None,
+            accelerator=plan.chain.profile.accelerator, ref_model=s.beta > 0, generation_batch=micro * spg,
+            generation_tokens=tokens, fused_logprobs=True, **numbers)
+        details = [f"generation: {micro * spg} sequences per rank at once (micro batch {micro} × "
+                   f"steps_per_generation {spg}) of {tokens} tokens (prompt {s.memory_prompt_length}, "
+                   f"{sp.name}.memory_prompt_length, + completion {s.max_completion_length}); reference model "
+                   + (f"loaded (beta {s.beta:g})" if s.beta > 0 else "none (beta 0)")]
+        # a user DeepSpeed JSON fixes the ZeRO stage; the kind has no offload setting
+        fixed = ("offload_optimizer",) + (("zero_stage",) if s.deepspeed or s.accelerate_config else ())
+        sp.extra["memory_plan"] = report.kind_memory(plan, sp, shape, cfg_path, setup, [], label="full GRPO",
+                                                     details=details, fixed=fixed)
+        return sp.extra["memory_plan"]
+
     def preflight(self, plan, sp, composed, produced):
         check_reward_columns(composed, plan.chain, sp.name, sp.extra["reward"])
 
@@ -535,6 +575,10 @@ class Grpo(StageKind):
         except ConfigError as e:
             raise ConfigError(f"{sp.name}: {e.message}") from None
         files["launch.json"] = spec.to_json()
+        try:   # the prediction (`hpcjobs status` and `hpcjobs report` show it)
+            files["memory_plan.json"] = to_json(self.memory(plan, sp).to_json())
+        except ConfigError:
+            pass   # no readable model configuration: nothing predicted
         return files
 
     def template_vars(self, plan, sp):

@@ -249,6 +249,33 @@ class Pretrain(StageKind):
     def sbatch(self, ctx: PlanContext):
         return time_limit_signal(ctx)
 
+    def memory(self, plan, sp):
+        """Full training of the model the size settings describe (exact parameter count), with the
+        settled DeepSpeed JSON's ZeRO stage, offload, buckets and micro batch; blocks of max_seq_len
+        tokens; no gradient checkpointing (the job's Trainer leaves it off); SDPA attention."""
+        from ..memplan import params, report
+        from ..memplan.estimate import TrainSetup
+
+        if "memory_plan" in sp.extra:   # render, submit and the CLI all ask: predict once
+            return sp.extra["memory_plan"]
+        s: PretrainStage = sp.cfg
+        try:
+            shape = params.model_shape({"model_type": "llama", **model_config(s)})
+        except (params.UnsupportedModel, ValueError, TypeError, ZeroDivisionError) as e:
+            raise ConfigError(f"cannot size the model for the memory plan: {e}", key=f"{sp.name}.dim") from e
+        ds = sp.ds_config or {}
+        world = sp.world_size or sp.nodes * max(1, sp.gpus_per_node)
+        setup = TrainSetup(
+            shape=shape, world_size=world, ranks_per_node=max(1, world // max(1, sp.nodes)),
+            micro_batch=report._num(ds.get("train_micro_batch_size_per_gpu"), s.micro_batch_size),
+            grad_accum=report._num(ds.get("gradient_accumulation_steps"), s.grad_accum),
+            seq_len=s.max_seq_len, precision=s.precision, gradient_checkpointing=False, lora_r=None,
+            accelerator=plan.chain.profile.accelerator, **report.ds_numbers(ds, s.dim))
+        sp.extra["memory_plan"] = report.kind_memory(
+            plan, sp, shape, sp.attempt_dir / "pretrain.json", setup, [], label="full training from scratch",
+            fixed=("gradient_checkpointing", "zero_stage", "offload_optimizer"))
+        return sp.extra["memory_plan"]
+
     def preflight(self, plan, sp, composed, produced):
         s: PretrainStage = sp.cfg
         if s.hostfile and not Path(s.hostfile).is_file():
@@ -310,6 +337,10 @@ class Pretrain(StageKind):
         except ConfigError as e:
             raise ConfigError(f"{sp.name}: {e.message}") from None
         files["launch.json"] = spec.to_json()
+        try:   # the prediction (`hpcjobs status` and `hpcjobs report` show it)
+            files["memory_plan.json"] = to_json(self.memory(plan, sp).to_json())
+        except ConfigError:
+            pass
         return files
 
     def template_vars(self, plan, sp):
