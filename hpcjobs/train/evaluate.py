@@ -273,28 +273,32 @@ def evaluate(
 
     template = cfg["data"].get("template") or " ".join(f"{c}: {{{c}}}" for c in cfg["data"].get("columns", []))
     prepared = None
+    all_test_texts: list[str] = []
     if cfg.get("prepared"):
         from hpcjobs.train.prepare import load_prepared
 
         # The test split as the prepare stage tokenized and labelled it: the loss counts the
         # tokens training learned (the responses only, unless train_on_inputs).
-        prepared = load_prepared(cfg["prepared"])["test"]
+        prepared = full_prepared = load_prepared(cfg["prepared"])["test"]
+        all_test_texts = list(prepared["text"]) if "text" in prepared.column_names else []
         if max_eval_samples and max_eval_samples > 0:
             prepared = prepared.select(range(min(len(prepared), max_eval_samples)))
-        test_texts = list(prepared["text"]) if "text" in prepared.column_names else []
+        test_texts = all_test_texts[:len(prepared)]
         log(f"loaded prepared test split from {cfg['prepared']} ({len(prepared)} rows)")
     else:
         splits = load_splits(cfg["data"])
-        test_texts = list(splits["test"]["text"])
+        all_test_texts = test_texts = list(splits["test"]["text"])
         if max_eval_samples and max_eval_samples > 0:
             test_texts = test_texts[:max_eval_samples]
     if prompts_file:
         samples = [{"prompt": p} for p in read_prompts(prompts_file)]
     elif prepared is not None and "prompt" in prepared.column_names:
-        n = min(num_test_prompts, len(prepared))
-        samples = [{"prompt": p, "reference": r} for p, r in zip(prepared["prompt"][:n], prepared["response"][:n])]
+        n = min(num_test_prompts, len(full_prepared))
+        samples = [{"prompt": p, "reference": r}
+                   for p, r in zip(full_prepared["prompt"][:n], full_prepared["response"][:n])]
     else:
-        samples = prompts_from_texts(test_texts, template, num_test_prompts)
+        # prompts come from the whole test split: max_eval_samples only bounds the loss pass
+        samples = prompts_from_texts(all_test_texts, template, num_test_prompts)
     prompts = [s["prompt"] for s in samples]
     log(f"device={device} dtype={dtype} test examples={len(test_texts)} prompts={len(prompts)}")
 
