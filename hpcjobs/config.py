@@ -34,7 +34,8 @@ from . import catalog, paths, schema, stages, yamlfile
 from .errors import ConfigError
 
 def _hpcjobs_resolver(what: str) -> str:
-    """``${hpcjobs:python}``, ``${hpcjobs:devcluster_conf}``, ``${hpcjobs:cache_dir}`` in profiles."""
+    """``${hpcjobs:python}``, ``${hpcjobs:devcluster_conf}``, ``${hpcjobs:cache_dir}``,
+    ``${hpcjobs:python_env}`` (a short id of this Python environment) in profiles."""
     if what == "python":
         return sys.executable
     if what == "devcluster_conf":
@@ -43,7 +44,9 @@ def _hpcjobs_resolver(what: str) -> str:
         return str(DevCluster().slurm_conf)
     if what == "cache_dir":
         return str(paths.cache_dir())
-    raise ValueError(f"unknown ${{hpcjobs:{what}}}; known: python, devcluster_conf, cache_dir")
+    if what == "python_env":
+        return paths.python_env_id()
+    raise ValueError(f"unknown ${{hpcjobs:{what}}}; known: python, devcluster_conf, cache_dir, python_env")
 
 
 if not OmegaConf.has_resolver("hpcjobs"):

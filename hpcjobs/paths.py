@@ -44,6 +44,16 @@ def state_dir() -> Path:
     return Path(base).expanduser() / "hpcjobs"
 
 
+def python_env_id(prefix: str | None = None) -> str:
+    """A short id of a Python environment (its ``sys.prefix``). Compiled DeepSpeed ops are kept
+    per environment: ninja rebuilds an op whenever the compile command differs, and two
+    virtual environments sharing one build directory rebuild it for each other, minutes each."""
+    import hashlib
+    import sys
+
+    return hashlib.sha1((prefix or sys.prefix).encode()).hexdigest()[:8]
+
+
 def cache_dir() -> Path:
     """Persistent caches (compiled DeepSpeed ops). ``$XDG_CACHE_HOME/hpcjobs`` (``~/.cache/hpcjobs``)."""
     base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"

@@ -33,7 +33,8 @@ def _render(profile, overrides, run_dir, **kw):
 def _normalize(text: str, run_dir: Path) -> str:
     for real, placeholder in ((str(run_dir), "{RUN_DIR}"), (sys.executable, "{PYTHON}"),
                               (str(paths.cache_dir()), "{CACHE}"), (str(REPO), "{REPO}"),
-                              (os.environ["HPCJOBS_DEVCLUSTER"], "{DEVCLUSTER}")):
+                              (os.environ["HPCJOBS_DEVCLUSTER"], "{DEVCLUSTER}"),
+                              (f"/torch_extensions/{paths.python_env_id()}", "/torch_extensions/{PYENV}")):
         text = text.replace(real, placeholder)
     return text
 

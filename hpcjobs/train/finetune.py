@@ -238,7 +238,10 @@ def setup_environment(device: str, local_size: int = 1) -> None:
                 sys.modules["torch"].set_num_threads(int(env["OMP_NUM_THREADS"]))
     # DeepSpeed JIT-compiles small C++ ops on first use (~25 s each on CPU);
     # keep the build cache in a persistent place so later runs reuse it.
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    # keyed by environment, as hpcjobs.paths.python_env_id explains.
+    from hpcjobs.paths import python_env_id
+
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / python_env_id()))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
