@@ -69,7 +69,8 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
-def _records(path: Path) -> List[dict]:
+def records(path: Path) -> List[dict]:
+    """Every JSON object line of a progress.jsonl (a half-written last line is skipped)."""
     try:
         text = path.read_text()
     except OSError:
@@ -86,7 +87,7 @@ def _records(path: Path) -> List[dict]:
 
 
 def read(path: Path) -> Optional[Progress]:
-    recs = _records(Path(path))
+    recs = records(Path(path))
     if not recs:
         return None
     # The current run is everything after the last start event (a requeue appends a new run).

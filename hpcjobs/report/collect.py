@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from .. import progress as progress_mod
 from ..records import ChainRecord
 from ..status import ChainStatus
 
@@ -276,22 +277,6 @@ def _read_json(path: Path) -> Optional[Any]:
         return None
 
 
-def _progress_records(path: Path) -> List[dict]:
-    try:
-        text = path.read_text()
-    except OSError:
-        return []
-    out = []
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue       # a line being written right now
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
-
-
 def _value(rec: dict, metric: str) -> Optional[float]:
     for key in (metric,) + _ALIASES.get(metric, ()):
         v = rec.get(key)
@@ -544,7 +529,7 @@ def build(cs: ChainStatus, acct: Dict[str, List[AcctRun]], *, warnings: Optional
             cur.changes, cur.changes_from = changes(record.attempt_dir(st.name, prev.n),
                                                     record.attempt_dir(st.name, cur.n), prev.n, cur.n)
         attempts += mine
-        progress = [(a.n, _progress_records(record.attempt_dir(st.name, a.n) / "progress.jsonl"))
+        progress = [(a.n, progress_mod.records(record.attempt_dir(st.name, a.n) / "progress.jsonl"))
                     for a in st.attempts]
         t = training(st.name, [(n, recs) for n, recs in progress if recs])
         if t is not None:
