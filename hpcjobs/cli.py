@@ -188,7 +188,7 @@ def _memory_json(plan) -> list:
 @chain_options
 @click.option("--json", "as_json", is_flag=True, help="Print the memory plan as JSON.")
 def plan_memory(recipe, nodes, profile, name, config_files, hostfile, include, exclude, overrides, as_json):
-    """Predict each finetune stage's peak memory per GPU and per node; no Slurm call.
+    """Predict each training stage's peak memory per GPU and per node; no Slurm call.
 
     The chain is planned exactly as `render` plans it; the model's config.json
     (or a Meta params.json) gives the exact parameter count. Shows weights,

@@ -270,3 +270,10 @@ def test_grpo_chain_raises_the_held_out_reward(hpcjobs, grpo_chain):
     assert trained["mean_reward"] > base["mean_reward"] + 3, (base, trained)
     md = (run / "eval" / "report.md").read_text()
     assert "## Reward on held-out prompts" in md and "Sample completions" in md
+    # TensorBoard by default, like every training stage: the reward curve at the logged steps
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard" / "grpo" / "attempt-1"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/reward")] == [x["step"] for x in steps]
+    assert "curves: tensorboard --logdir" in log

@@ -162,6 +162,13 @@ def test_training_loss_falls_below_half(chain):
     first, last = losses[0], losses[-1]
     assert first[0] == 1 and last[0] == 120, losses
     assert last[1] < first[1] / 2, losses
+    # the same curve in TensorBoard (report_to defaults to tensorboard), the requeued run's part
+    # in the same attempt's directory
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(chain["run"] / "tensorboard" / "pretrain" / "attempt-1"))
+    events.Reload()
+    assert {e.step for e in events.Scalars("train/loss")} == {step for step, _ in losses}
 
 
 @pytest.mark.cluster

@@ -12,8 +12,10 @@ from typing import Dict, Optional, Tuple
 
 from .base import PlanContext, StageKind
 
-_BUILTIN = ("command", "convert", "prepare", "finetune", "merge", "evaluate", "script", "commcheck", "tokenizer", "pretrain", "grpo")
+_BUILTIN = ("command", "convert", "prepare", "finetune", "merge", "evaluate", "script", "commcheck",
+            "tokenizer", "pretrain", "grpo")
 _REGISTRY: Dict[str, StageKind] = {}
+_loaded = False
 
 
 def register(kind: StageKind) -> StageKind:
@@ -22,9 +24,13 @@ def register(kind: StageKind) -> StageKind:
 
 
 def _load() -> None:
-    if not _REGISTRY:
+    # A flag, not "is the registry empty": importing one kind module directly (a test, a
+    # job-side import) registers that kind alone, and the others must still be loaded.
+    global _loaded
+    if not _loaded:
         for module in _BUILTIN:
             importlib.import_module(f"{__name__}.{module}")
+        _loaded = True
 
 
 def get(name: str) -> StageKind:
@@ -39,8 +45,9 @@ def find(name: str) -> Optional[StageKind]:
 
 
 def names() -> Tuple[str, ...]:
+    """Every kind, built-in ones in their listed order (whatever order they were imported in)."""
     _load()
-    return tuple(_REGISTRY)
+    return tuple(sorted(_REGISTRY, key=lambda n: _BUILTIN.index(n) if n in _BUILTIN else len(_BUILTIN)))
 
 
 __all__ = ["PlanContext", "StageKind", "find", "get", "names", "register"]

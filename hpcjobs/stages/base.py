@@ -153,6 +153,24 @@ def torch_dtype(value: str, precision: str) -> str:
     return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
 
 
+def report_to_setting():
+    """A training kind's ``report_to``: the Trainer's integrations; TensorBoard by default, its
+    event files in ``<run dir>/tensorboard/<stage>/attempt-<n>`` (the job template exports
+    ``TENSORBOARD_LOGGING_DIR``). [] or [none]: none besides progress.jsonl."""
+    from ..constraints import choices
+    from ..schema import REPORT_TO, REPORT_TO_UNSUPPORTED
+
+    return choices(*REPORT_TO, default_factory=lambda: ["tensorboard"], unsupported=REPORT_TO_UNSUPPORTED)
+
+
+def check_report_to(ctx: PlanContext, values: Sequence[str]) -> List[str]:
+    """The integrations to hand the Trainer ("none" alone turns reporting off)."""
+    if "none" in values and len(values) > 1:
+        raise ctx.error("report_to", "none turns reporting off; it cannot go with "
+                        + ", ".join(r for r in values if r != "none"))
+    return [r for r in values if r != "none"]
+
+
 def time_limit_signal(ctx: PlanContext) -> Dict[str, Optional[str]]:
     """``#SBATCH`` options of a stage that checkpoints at its time limit and requeues itself:
     SIGUSR2 ``profile.signal_grace`` seconds before the limit (NCCL uses USR1)."""

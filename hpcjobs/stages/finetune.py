@@ -16,14 +16,14 @@ from typing import Any, List, Optional
 from omegaconf import MISSING
 
 from .. import dsconfig
-from ..constraints import AUTO, Choice, Number, auto_or, choice, choices, constraint_of, number
+from ..constraints import AUTO, Choice, Number, auto_or, choice, constraint_of, number
 from ..errors import ConfigError
 from ..placement import place_ranks
-from ..schema import (LORA_BIAS, OFFLOAD_DEVICES, OPTIMIZER_NAMES, PRECISIONS, REPORT_TO, REPORT_TO_UNSUPPORTED,
+from ..schema import (LORA_BIAS, OFFLOAD_DEVICES, OPTIMIZER_NAMES, PRECISIONS,
                       RESUME, SCHEDULERS,
                       SCHEDULERS_NEEDING_EVAL, SCHEDULERS_UNSUPPORTED, SEED_MAX, ZERO_STAGES, StageCfg)
 from . import register
-from .base import PlanContext, StageKind, plain, time_limit_signal, to_json
+from .base import PlanContext, StageKind, check_report_to, plain, report_to_setting, time_limit_signal, to_json
 
 
 @dataclass
@@ -92,8 +92,7 @@ class FinetuneStage(StageCfg):
     """DeepSpeed ``--exclude`` spec."""
     resume: str = choice(*RESUME, default="auto")
     """auto: continue from the latest checkpoint if there is one; never: start fresh."""
-    report_to: List[str] = choices(*REPORT_TO, default_factory=lambda: ["tensorboard"],
-                                   unsupported=REPORT_TO_UNSUPPORTED)
+    report_to: List[str] = report_to_setting()
     """The Trainer's report_to integrations (tensorboard, wandb, mlflow, ...); [] or [none]: none.
     TensorBoard event files go to ``<run dir>/tensorboard/<stage>/attempt-<n>``."""
 
@@ -224,9 +223,7 @@ class Finetune(StageKind):
                                  "Trainer refuses it without evaluation",
                                  hint=f"set {name}.eval_steps, or use another scheduler")
 
-        if "none" in s.report_to and len(s.report_to) > 1:
-            raise composed.error(f"{name}.report_to", f"none turns reporting off; it cannot go with "
-                                 f"{', '.join(r for r in s.report_to if r != 'none')}")
+        check_report_to(ctx, s.report_to)
 
         if s.offload_param == "cpu" and s.zero_stage not in (3, AUTO):
             raise composed.error(f"{name}.offload_param", f"parameter offload needs zero_stage 3 "

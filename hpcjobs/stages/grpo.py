@@ -46,7 +46,7 @@ from ..errors import ConfigError, HpcjobsError
 from ..schema import PRECISIONS, RESUME, SCHEDULERS, SCHEDULERS_UNSUPPORTED, SEED_MAX, ZERO_STAGES, StageCfg
 from ..userfiles import read_text
 from . import register
-from .base import PlanContext, StageKind, plain, time_limit_signal, to_json
+from .base import PlanContext, StageKind, check_report_to, plain, report_to_setting, time_limit_signal, to_json
 
 #: rewards shipped in hpcjobs.train.rewards (the job side implements exactly these names)
 SHIPPED_REWARDS = ("target_length", "regex", "exact_match")
@@ -132,6 +132,9 @@ class GrpoStage(StageCfg):
     """How completions are generated: model (the policy's own generate). vLLM is not built yet."""
     resume: str = choice(*RESUME, default="auto")
     """auto: continue from the latest checkpoint if there is one; never: start fresh."""
+    report_to: List[str] = report_to_setting()
+    """The Trainer's report_to integrations (tensorboard, wandb, mlflow, ...); [] or [none]: none.
+    TensorBoard event files go to ``<run dir>/tensorboard/<stage>/attempt-<n>``."""
     env: Dict[str, str] = field(default_factory=dict)
     """Environment for every rank on every node, on top of the profile's."""
 
@@ -399,6 +402,7 @@ class Grpo(StageKind):
     def plan(self, ctx: PlanContext):
         s: GrpoStage = ctx.sp.cfg
         sp, p = ctx.sp, ctx.chain.profile
+        check_report_to(ctx, s.report_to)
         if s.precision == "auto":
             s.precision = p.precision
         if p.accelerator == "cpu" and s.precision == "fp16":
@@ -531,6 +535,7 @@ class Grpo(StageKind):
             "reward": sp.extra["reward"],
             "generator": s.generator,
             "train": {
+                "report_to": [r for r in s.report_to if r != "none"],
                 "micro_batch_size": s.micro_batch_size,
                 "gradient_accumulation_steps": s.grad_accum,
                 "num_generations": s.num_generations,

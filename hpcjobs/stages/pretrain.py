@@ -39,7 +39,7 @@ from ..placement import place_ranks
 from ..progress import Progress, format_duration
 from ..schema import PRECISIONS, RESUME, SEED_MAX, StageCfg
 from . import register
-from .base import PlanContext, StageKind, plain, time_limit_signal, to_json
+from .base import PlanContext, StageKind, check_report_to, plain, report_to_setting, time_limit_signal, to_json
 
 DS_PRESETS = ("zero1", "zero2", "zero3")
 #: the program every rank runs (``accelerate launch -m hpcjobs.train.pretrain train ...``)
@@ -100,6 +100,9 @@ class PretrainStage(StageCfg):
     """zero1, zero2, zero3, or your DeepSpeed JSON ("auto" values are settled before submission)."""
     resume: str = choice(*RESUME, default="auto")
     """auto: continue from the latest checkpoint if there is one; never: start fresh."""
+    report_to: List[str] = report_to_setting()
+    """The Trainer's report_to integrations (tensorboard, wandb, mlflow, ...); [] or [none]: none.
+    TensorBoard event files go to ``<run dir>/tensorboard/<stage>/attempt-<n>``."""
     hostfile: Optional[str] = None
     """A hostfile (``host slots=N``, whole nodes): the job runs on exactly these hosts."""
     include: str = ""
@@ -165,6 +168,7 @@ class Pretrain(StageKind):
     def plan(self, ctx: PlanContext):
         s: PretrainStage = ctx.sp.cfg
         sp, p = ctx.sp, ctx.chain.profile
+        check_report_to(ctx, s.report_to)
         kv = s.n_kv_heads or s.n_heads
         if s.dim % s.n_heads:
             raise ctx.error("dim", f"{s.dim} is not divisible by n_heads ({s.n_heads}): each head gets "
@@ -307,6 +311,7 @@ class Pretrain(StageKind):
                 "data": plain(plan.chain.data),
                 "model": model_config(s),
                 "train": {
+                    "report_to": [r for r in s.report_to if r != "none"],
                     "micro_batch_size": s.micro_batch_size,
                     "gradient_accumulation_steps": s.grad_accum,
                     "learning_rate": s.lr,

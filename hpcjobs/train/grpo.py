@@ -143,7 +143,8 @@ def run(cfg: Dict[str, Any], device: str, info: Dict[str, int]) -> int:
         data_seed=int(t["seed"]),
         deepspeed=cfg["deepspeed_config"],
         use_cpu=use_cpu,
-        report_to="none",
+        # TensorBoard by default: the job template exports TENSORBOARD_LOGGING_DIR
+        report_to=list(t.get("report_to") or []) or "none",
         disable_tqdm=True,
         log_level="warning",
         log_level_replica="warning",

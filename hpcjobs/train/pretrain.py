@@ -297,7 +297,8 @@ def train(cfg: dict) -> int:
         data_seed=int(t["seed"]),
         deepspeed=cfg.get("deepspeed_config"),
         use_cpu=device == "cpu",
-        report_to="none",
+        # TensorBoard by default: the job template exports TENSORBOARD_LOGGING_DIR
+        report_to=list(t.get("report_to") or []) or "none",
         disable_tqdm=True,
         log_level="warning",
         log_level_replica="error",
