@@ -66,7 +66,7 @@ def test_a_rank_killed_on_node2_then_rerun_resumes(devcluster, hpcjobs, demo_ass
     sub = _submit_finetune(hpcjobs, demo_assets, hf_model, "rankkill", "finetune.max_steps=400",
                            "finetune.save_steps=50", "finetune.logging_steps=5")
     run = sub["run_dir"]
-    wait_for(lambda: _step(run) >= 120, timeout=300, what="training past step 120")
+    wait_for(lambda: _step(run) >= 120, timeout=600, what="training past step 120")
     log = Path(run, "stages/finetune/attempt-1", f"slurm-{sub['jobs']['finetune']}.out").read_text()
     pid = int(re.search(r"rank=1 .*hostname=node2 pid=(\d+)", log).group(1))
     os.kill(pid, signal.SIGKILL)
@@ -130,7 +130,7 @@ def test_a_node_dies_node_fail_then_completes(devcluster, hpcjobs, demo_assets, 
     sub = _submit_finetune(hpcjobs, demo_assets, hf_model, "poweroff", "finetune.max_steps=400",
                            "finetune.save_steps=50", "finetune.logging_steps=5")
     run = sub["run_dir"]
-    wait_for(lambda: _step(run) >= 120, timeout=300, what="training past step 120")
+    wait_for(lambda: _step(run) >= 120, timeout=600, what="training past step 120")
     devcluster.power_off("node2")
     try:
         st = wait_for(lambda: (s := hpcjobs.json("status", sub["chain"]))["stages"][0]["history"] and s,

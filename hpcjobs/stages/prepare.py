@@ -110,7 +110,9 @@ class Prepare(StageKind):
         templates = [("prompt", s.prompt), ("response", s.response)] if s.prompt is not None else \
             [("data.template", data.template)]
         try:
-            info = check_dataset(data.path, [])
+            # data.columns first (the file named by data.path lacks one: the error names data.path,
+            # as the other stages' checks do), then the columns the templates use
+            info = check_dataset(data.path, list(data.columns))
         except HpcjobsError as e:
             raise composed.error("data.path", e.message) from None
         for key, template in templates:
