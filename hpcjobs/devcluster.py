@@ -150,11 +150,13 @@ def _port_bindable(port: int) -> bool:
 
 
 def _pick_ports(n: int) -> list[int]:
-    """n distinct free ports below the ephemeral range (so outgoing connections don't take them)."""
+    """n distinct free ports below the ephemeral range (so outgoing connections don't take them)
+    and above the training jobs' rendezvous ports (hpcjobs.launchers.master_port: 10000-29999,
+    from the job id): a slurmctld on 20338 made job 338's rendezvous fail to listen."""
     rng = random.Random()
     chosen: list[int] = []
     while len(chosen) < n:
-        port = rng.randrange(20000, 32000)
+        port = rng.randrange(30000, 32700)
         if port not in chosen and _port_bindable(port):
             chosen.append(port)
     return chosen
