@@ -35,6 +35,8 @@ class Progress:
     reward_std: Optional[float] = None
     kl: Optional[float] = None
     completion_length: Optional[float] = None
+    # packed fixed-length samples (pretrain): throughput is shown in tokens/s
+    tokens_per_sample: Optional[int] = None
 
     def line(self) -> str:
         parts = [f"step {self.step}" + (f"/{self.max_steps}" if self.max_steps else "")]
@@ -49,7 +51,9 @@ class Progress:
             parts.append(f"KL {self.kl:.4f}")
         if self.completion_length is not None:
             parts.append(f"completion {self.completion_length:.1f} tokens")
-        if self.samples_per_second:
+        if self.samples_per_second and self.tokens_per_sample:
+            parts.append(f"{self.samples_per_second * self.tokens_per_sample:,.0f} tokens/s")
+        elif self.samples_per_second:
             parts.append(f"{self.samples_per_second:.1f} samples/s")
         elif self.steps_per_second:
             parts.append(f"{self.steps_per_second:.2f} steps/s")

@@ -36,7 +36,6 @@ from .. import dsconfig, launchers, scriptbatch
 from ..constraints import choice, number
 from ..errors import ConfigError
 from ..placement import place_ranks
-from ..progress import Progress, format_duration
 from ..schema import PRECISIONS, RESUME, SEED_MAX, StageCfg
 from . import register
 from .base import PlanContext, StageKind, check_report_to, plain, report_to_setting, time_limit_signal, to_json
@@ -362,32 +361,11 @@ class Pretrain(StageKind):
             seq = json.loads((Path(attempt_dir) / "pretrain.json").read_text())["train"]["max_seq_len"]
         except (OSError, ValueError, KeyError, TypeError):
             seq = None
-        return TokensProgress(**found.__dict__, tokens_per_sample=seq)
+        found.tokens_per_sample = seq
+        return found
 
     def fresh(self, name, cfg):
         return [f"{name}.resume=never"], [cfg.checkpoints] if cfg is not None else []
-
-
-@dataclass
-class TokensProgress(Progress):
-    tokens_per_sample: Optional[int] = None
-
-    def line(self) -> str:
-        if not (self.samples_per_second and self.tokens_per_sample):
-            return super().line()
-        parts = [f"step {self.step}" + (f"/{self.max_steps}" if self.max_steps else "")]
-        if self.loss is not None:
-            parts.append(f"loss {self.loss:.4f}")
-        if self.learning_rate is not None:
-            parts.append(f"lr {self.learning_rate:.2e}")
-        parts.append(f"{self.samples_per_second * self.tokens_per_sample:,.0f} tokens/s")
-        if self.eta_seconds is not None:
-            parts.append(f"ETA {format_duration(self.eta_seconds)}")
-        if self.resumed_from:
-            parts.append(f"resumed at step {self.resumed_from}")
-        if self.event in ("preempted", "end"):
-            parts.append(self.event)
-        return ", ".join(parts)
 
 
 # ---- "auto" values the HF Trainer would fill, settled here instead
