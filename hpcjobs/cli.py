@@ -675,8 +675,10 @@ def recipes():
     """List recipes (shipped, and yours in ~/.config/hpcjobs/recipes)."""
     from . import catalog
 
-    for name, e in sorted(catalog.recipes().items()):
-        click.echo(f"{name:<14} {e.origin:<8} {e.description}")
+    found = sorted(catalog.recipes().items())
+    width = max([14] + [len(name) for name, _ in found])
+    for name, e in found:
+        click.echo(f"{name:<{width}} {e.origin:<8} {e.description}")
 
 
 # ---------------------------------------------------------------- devcluster
@@ -737,7 +739,8 @@ def devcluster_status(as_json):
               help="whose assets: llama2-lora (a tiny Meta Llama-2 checkpoint, dialogue parquet, prompts) or "
                    "sft-lora (a tiny Hugging Face Bloom, prompt/response JSON lines); qwen2-grpo: a tiny "
                    "Qwen2 and TL;DR-style prompts; llm-pretrain: a small repetitive corpus (JSON lines) and tiny "
-                   "size settings")
+                   "size settings; seq-classification: a tiny BERT and sentence pairs with labels; seq2seq: a "
+                   "tiny T5 and dialogues with summaries")
 def demo_assets(outdir, seed, recipe):
     """Write a tiny model, a small learnable data set and OUTDIR/demo.yaml for RECIPE's demo.
 

@@ -206,3 +206,32 @@ def _csv_header(p: Path) -> tuple[list[str], int | None]:
             if any(cell.strip() for cell in row):
                 return [h.strip() for h in header], None
     return [h.strip() for h in header], 0
+
+
+def column_values(path: str | os.PathLike, column: str) -> Iterator[tuple[int, Any]]:
+    """``(row, value)`` of one column, rows 1-based in file order (as the jobs number them):
+    for checking the values of a small file on the login node (the caller bounds its size)."""
+    p = Path(path)
+    fmt = detect_format(p)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        for i, v in enumerate(pq.read_table(p, columns=[column]).column(column).to_pylist(), 1):
+            yield i, v
+    elif fmt == "jsonl":
+        for i, rec in enumerate(iter_jsonl(p), 1):
+            yield i, rec.get(column)
+    elif fmt == "json":
+        with open(p, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            records = _json_records(json.loads(text), p)
+        except json.JSONDecodeError:
+            records = list(iter_jsonl(p))
+        for i, rec in enumerate(records, 1):
+            yield i, rec.get(column)
+    else:
+        with open(p, encoding="utf-8", newline="") as f:
+            rows = (r for r in csv.DictReader(f, skipinitialspace=True) if any((v or "").strip() for v in r.values()))
+            for i, rec in enumerate(rows, 1):
+                yield i, rec.get(column)

@@ -45,6 +45,18 @@ OFFLOAD_DEVICES = ("none", "cpu")
 # peft.LoraConfig.bias.
 LORA_BIAS = ("none", "all", "lora_only")
 RESUME = ("auto", "never")
+# What prepare, finetune and evaluate do with the data (hpcjobs/train/tasks): a causal LM's next
+# tokens, a sequence(-pair) classifier's label, an encoder-decoder's target text.
+TASKS = ("causal-lm", "classification", "seq2seq")
+# The metrics a training stage's evaluation logs per task (the Trainer prefixes them eval_):
+# best_metric picks one, and its direction (loss: lower is better).
+TASK_METRICS = {"causal-lm": ("loss",), "classification": ("loss", "accuracy", "f1"),
+                "seq2seq": ("loss", "rouge1", "rouge2", "rougeL")}
+# finetune.strategy: one name for a parallelism setup, as the hand-written runs named them
+# -> (zero_stage, offload_optimizer, offload_param); ddp runs without DeepSpeed.
+STRATEGIES = {"ddp": (0, "none", "none"), "zero1": (1, "none", "none"), "zero2": (2, "none", "none"),
+              "zero2-offload": (2, "cpu", "none"), "zero3": (3, "none", "none"),
+              "zero3-offload": (3, "cpu", "cpu")}
 # numpy's seed range (transformers.set_seed seeds numpy's legacy generator).
 SEED_MAX = 2 ** 32 - 1
 # Slurm's --signal=[B:]SIG@TIME takes 0..65535 seconds.

@@ -392,6 +392,9 @@ def _fix_up(values):
         v["finetune.zero_stage"] = 3
     if v.get("finetune.offload_optimizer") == "cpu" and v.get("finetune.zero_stage") == 0:
         v["finetune.zero_stage"] = 1
+    for key in ("prepare.task", "finetune.task", "evaluate.task"):
+        if key in v:   # another task needs its own settings and data (tests/test_tasks.py)
+            v[key] = "causal-lm"
     for a, b in (("prepare.prompt", "prepare.response"), ("prepare.response", "prepare.prompt")):
         if v.get(a) is not None and v.get(b) is None:
             v[b] = "{Doctor}"   # set together; a column of the recipe's data

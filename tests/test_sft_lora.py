@@ -25,10 +25,11 @@ def sft_assets(tmp_path_factory, hpcjobs_home):
 
 @pytest.fixture(scope="module")
 def sft_chain(devcluster, sft_assets):
-    """`hpcjobs submit sft-lora --nodes 2 --profile local --config demo.yaml`, to its end."""
+    """`hpcjobs submit sft-lora --nodes 2 --profile local --config demo.yaml`, to its end, with
+    BELLE's DeepSpeed setup: ZeRO-2 (the recipe's) with the optimizer offloaded to the CPU."""
     cli = CLI()
     sub = cli.json("submit", "sft-lora", "--nodes", "2", "--profile", "local",
-                   "--config", sft_assets / "demo.yaml", "--name", "sft")
+                   "--config", sft_assets / "demo.yaml", "--name", "sft", "finetune.offload_optimizer=cpu")
     final = wait_chain(cli, sub["chain"], timeout=900)
     return sub, final
 
@@ -55,6 +56,8 @@ def test_chain_completes_and_eval_loss_drops(sft_chain):
     # the held-out loss counts exactly the response tokens (+ EOS) of the prepared test split
     assert report["eval_tokens"] == stats["splits"]["test"]["trained_tokens"] - _first_token_labels(run)
     assert report["samples"] and all(s["reference"] for s in report["samples"])
+    zero = json.loads((run / "stages/finetune/attempt-1/ds_config.json").read_text())["zero_optimization"]
+    assert zero["stage"] == 2 and zero["offload_optimizer"]["device"] == "cpu"
     adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert adapter["target_modules"] == ["query_key_value"]     # chosen for Bloom on the login node
     assert adapter["r"] == 8 and adapter["lora_alpha"] == 32
@@ -147,11 +150,13 @@ def test_empty_split_is_refused_before_submission(devcluster, sft_assets, hpcjob
 
 def test_lora_targets_by_architecture(hpcjobs, tmp_path):
     """finetune.lora.target_modules []: from config.json on the login node (no torch there)."""
-    for model_type, want in (("qwen2", ["q_proj", "v_proj"]), ("bloom", ["query_key_value"])):
+    for model_type, want in (("qwen2", ["q_proj", "v_proj"]), ("bloom", ["query_key_value"]),
+                             ("bert", ["query", "value"]), ("t5", ["q", "v"])):
         model = tmp_path / model_type
         model.mkdir()
         cfg = {"model_type": model_type, "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
-               "n_head": 4, "n_layer": 2, "intermediate_size": 128, "num_key_value_heads": 4, "vocab_size": 400}
+               "n_head": 4, "n_layer": 2, "intermediate_size": 128, "num_key_value_heads": 4, "vocab_size": 400,
+               "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4}
         (model / "config.json").write_text(json.dumps(cfg))
         (model / "tokenizer.json").write_text("{}")
         data = _tiny_jsonl(tmp_path / "d.jsonl", [{"input": f"q{i}", "target": f"a{i}"} for i in range(20)])
@@ -159,9 +164,9 @@ def test_lora_targets_by_architecture(hpcjobs, tmp_path):
                          f"data.path={data}")
         ft = next(s for s in j["stages"] if s["name"] == "finetune")
         assert json.loads(ft["files"]["train.json"])["lora"]["target_modules"] == want
-    (tmp_path / "t5" / "config.json").parent.mkdir()
-    (tmp_path / "t5" / "config.json").write_text(json.dumps({"model_type": "t5"}))
-    proc = hpcjobs("render", "sft-lora", "--profile", "local", f"model.source={tmp_path / 't5'}",
+    (tmp_path / "gpt2" / "config.json").parent.mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    proc = hpcjobs("render", "sft-lora", "--profile", "local", f"model.source={tmp_path / 'gpt2'}",
                    f"data.path={data}", check=False)
     assert proc.returncode == 2 and "finetune.lora.target_modules" in proc.stderr, proc.stderr
 

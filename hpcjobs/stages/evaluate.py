@@ -7,9 +7,9 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from ..constraints import number
+from ..constraints import choice, number
 from ..errors import ConfigError
-from ..schema import StageCfg
+from ..schema import TASKS, StageCfg
 from ..userfiles import read_text
 from . import register
 from .base import StageKind, plain, to_json
@@ -37,11 +37,15 @@ class EvaluateStage(StageCfg):
     reward of greedy completions on held-out prompts (the test split), base vs merged."""
     reward_prompts: int = number(32, ge=1)
     """Held-out prompts the reward is measured on (the first of the test split)."""
+    task: str = choice(*TASKS, default="causal-lm")
+    """causal-lm: held-out loss and generations; classification: accuracy and F1 on the
+    validation (eval) and test splits and the test predictions; seq2seq: ROUGE-1/2/L on both
+    and before/after outputs. The last two read a prepare stage's output (``prepared``)."""
 
 
 class Evaluate(StageKind):
     name = "evaluate"
-    summary = "greedy generations base vs merged, held-out loss, eval/report.md"
+    summary = "base vs finetuned: held-out loss + generations, accuracy/F1 or ROUGE by task; eval/report.md"
     settings = EvaluateStage
     entry_point = "hpcjobs.train.evaluate"
     sections = ("data",)
@@ -52,6 +56,12 @@ class Evaluate(StageKind):
         return min(1, profile.gpus_per_node)
 
     def plan(self, ctx):
+        s = ctx.sp.cfg
+        if s.task != "causal-lm" and not s.prepared:
+            raise ctx.error("prepared", f"task {s.task} evaluates on a prepare stage's output",
+                            hint=f"set {ctx.sp.name}.prepared to the prepare stage's output")
+        if s.task != "causal-lm" and s.reward.functions:
+            raise ctx.error("reward", f"rewards score generated text of a causal LM, not task {s.task}")
         if ctx.sp.cfg.reward.functions:
             ctx.sp.extra["reward"] = plan_rewards(ctx, ctx.sp.cfg.reward)
         return [], []
@@ -76,6 +86,7 @@ class Evaluate(StageKind):
         reward = sp.extra.get("reward")
         return {**(reward["code"] if reward else {}), "eval.json": to_json({
             **({"reward": {**reward["spec"], "prompts": s.reward_prompts}} if reward else {}),
+            "task": s.task,
             "model_path": s.base,
             "output_dir": s.output,
             "device": plan.chain.profile.accelerator,

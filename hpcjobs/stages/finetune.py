@@ -21,7 +21,8 @@ from ..errors import ConfigError
 from ..placement import place_ranks
 from ..schema import (LORA_BIAS, OFFLOAD_DEVICES, OPTIMIZER_NAMES, PRECISIONS,
                       RESUME, SCHEDULERS,
-                      SCHEDULERS_NEEDING_EVAL, SCHEDULERS_UNSUPPORTED, SEED_MAX, ZERO_STAGES, StageCfg)
+                      SCHEDULERS_NEEDING_EVAL, SCHEDULERS_UNSUPPORTED, SEED_MAX, STRATEGIES, TASK_METRICS, TASKS,
+                      ZERO_STAGES, StageCfg)
 from . import register
 from .base import PlanContext, StageKind, check_report_to, plain, report_to_setting, time_limit_signal, to_json
 
@@ -40,7 +41,8 @@ class LoraCfg:
 
 # The attention projections LoRA wraps per architecture (memplan's names, from config.json or a
 # Meta params.json): PEFT's own defaults for these models.
-LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "bloom": ["query_key_value"]}
+LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "bloom": ["query_key_value"],
+                "bert": ["query", "value"], "t5": ["q", "v"]}
 
 
 @dataclass
@@ -95,6 +97,19 @@ class FinetuneStage(StageCfg):
     report_to: List[str] = report_to_setting()
     """The Trainer's report_to integrations (tensorboard, wandb, mlflow, ...); [] or [none]: none.
     TensorBoard event files go to ``<run dir>/tensorboard/<stage>/attempt-<n>``."""
+    task: str = choice(*TASKS, default="causal-lm")
+    """causal-lm: TRL's SFTTrainer; classification: a sequence(-pair) classifier under the
+    Trainer; seq2seq: an encoder-decoder under Seq2SeqTrainer. The last two train on a prepare
+    stage's output (``prepared``) of the same task."""
+    strategy: Optional[str] = choice(*STRATEGIES, default=None)
+    """One name for the parallelism setup; sets zero_stage and offload_*: ddp (no DeepSpeed,
+    torch DDP), zero1, zero2, zero2-offload (optimizer in host memory), zero3, zero3-offload
+    (parameters too). None: zero_stage and offload_* as set."""
+    best_metric: Optional[str] = None
+    """Evaluate every ``eval_steps`` (None: every epoch), checkpoint at each evaluation, keep the
+    ``save_total_limit`` best by this eval metric (and the latest, for resuming) and load the
+    best at the end: loss (lower is better), classification accuracy or f1, seq2seq rouge1,
+    rouge2 or rougeL. None: checkpoints every save_steps, the latest kept."""
 
 
 def tensorboard_dir(run_dir, stage: str, attempt: int) -> Path:
@@ -187,7 +202,7 @@ def _lora_targets(ctx: PlanContext) -> List[str]:
 
 class Finetune(StageKind):
     name = "finetune"
-    summary = "LoRA or full SFT (TRL + PEFT) with DeepSpeed ZeRO across nodes"
+    summary = "LoRA or full finetuning (causal LM SFT, classification, seq2seq) with DeepSpeed ZeRO or DDP across nodes"
     settings = FinetuneStage
     entry_point = "hpcjobs.train.finetune"
     sections = ("data",)
@@ -206,6 +221,11 @@ class Finetune(StageKind):
         p = chain.profile
         name = sp.name
         s: FinetuneStage = sp.cfg
+        if s.strategy is not None:   # the shorthand decides the three settings it names
+            s.zero_stage, s.offload_optimizer, s.offload_param = STRATEGIES[s.strategy]
+            if s.strategy == "ddp" and s.deepspeed_config:
+                raise composed.error(f"{name}.strategy", f"ddp runs without DeepSpeed, but {name}.deepspeed_config "
+                                     "is set", hint="unset one of them")
         free = _concrete(s)   # the settings left to the memory planner (auto)
         # Sets and ranges of single keys (zero_stage, lr, ...) are constraints.check's; here what
         # depends on several keys.
@@ -218,6 +238,13 @@ class Finetune(StageKind):
                                  f"{p.name} (accelerator cpu)")
         if not s.lora.target_modules and s.lora.enabled:
             s.lora.target_modules = _lora_targets(ctx)
+        if s.task != "causal-lm" and not s.prepared:
+            raise composed.error(f"{name}.prepared", f"task {s.task} trains on a prepare stage's output",
+                                 hint=f"add a prepare stage with task {s.task} and set {name}.prepared to its "
+                                 "output (the seq-classification and seq2seq recipes do)")
+        if s.best_metric is not None and s.best_metric not in TASK_METRICS[s.task]:
+            raise composed.error(f"{name}.best_metric", f"task {s.task} evaluates "
+                                 f"{', '.join(TASK_METRICS[s.task])}, not {s.best_metric!r}")
         if s.scheduler in SCHEDULERS_NEEDING_EVAL and not s.eval_steps:
             raise composed.error(f"{name}.scheduler", f"{s.scheduler} steps on the evaluation loss, and the "
                                  "Trainer refuses it without evaluation",
@@ -283,13 +310,16 @@ class Finetune(StageKind):
 
     def files(self, plan, sp):
         s, adir, chain = sp.cfg, sp.attempt_dir, plan.chain
-        files = {"ds_config.json": to_json(sp.ds_config), "train.json": to_json({
+        deepspeed = s.strategy != "ddp"   # ddp: the Trainer's own DistributedDataParallel
+        files = {"ds_config.json": to_json(sp.ds_config)} if deepspeed else {}
+        files.update({"train.json": to_json({
+            "task": s.task,
             "model_path": s.model,
             "output_dir": s.output,
             "checkpoint_dir": s.checkpoints,
             "progress_file": str(adir / "progress.jsonl"),
             "preempt_file": str(adir / "preempt"),
-            "deepspeed_config": str(adir / "ds_config.json"),
+            "deepspeed_config": str(adir / "ds_config.json") if deepspeed else None,
             "tensorboard_dir": str(tensorboard_dir(plan.run_dir, sp.name, sp.attempt)),
             "memory_file": str(adir / "memory_measured.json"),
             "resume": s.resume,
@@ -317,8 +347,9 @@ class Finetune(StageKind):
                 "seed": s.seed,
                 "optim": s.optim,
                 "report_to": [r for r in s.report_to if r != "none"],
+                "best_metric": s.best_metric,
             },
-        })}
+        })})
         if sp.pool is not None:
             files["hostfile.requested"] = "".join(f"{h} slots={n}\n" for h, n in sp.pool.items())
         try:   # the prediction, next to the memory_measured.json the job writes (`hpcjobs report`)

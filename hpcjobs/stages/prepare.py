@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from ..constraints import number, text_template
+from typing import Any
+
+from ..constraints import choice, number, text_template
 from ..errors import HpcjobsError
-from ..schema import StageCfg
+from ..schema import TASKS, StageCfg
 from . import register
 from .base import StageKind, plain, to_json
 
@@ -37,7 +39,22 @@ class PrepareStage(StageCfg):
     train_on_inputs: bool = False
     """With ``prompt``: compute the loss on the prompt tokens too (else their labels are -100)."""
     max_seq_length: int = number(512, ge=1)
-    """Examples are cut to this many tokens (prompt, response and EOS)."""
+    """Examples are cut to this many tokens (prompt, response and EOS; seq2seq: the input;
+    classification: the pair, each text keeping a share)."""
+    task: str = choice(*TASKS, default="causal-lm")
+    """causal-lm: prompt/response or data.template; seq2seq: prompt is the encoder input,
+    response the target; classification: text (+ text_pair) and label_column in labels."""
+    text: Optional[str] = text_template(None)
+    """classification: template of the (first) text, e.g. ``"{sentence1}"``."""
+    text_pair: Optional[str] = text_template(None)
+    """classification: template of the second text of a pair, e.g. ``"{sentence2}"``; None: single texts."""
+    label_column: Optional[str] = None
+    """classification: the column holding the class."""
+    labels: List[Any] = field(default_factory=list)
+    """classification: the class set, e.g. ``[0, 1]``; a row's label is its index here (the
+    values are compared as text, so a CSV's "1" is the class 1)."""
+    max_target_length: int = number(128, ge=1)
+    """seq2seq: targets are cut to this many tokens (EOS included)."""
 
 
 def _fields(template: Optional[str]) -> List[str]:
@@ -88,6 +105,21 @@ class Prepare(StageKind):
 
     def plan(self, ctx):
         s = ctx.sp.cfg
+        if s.task == "classification":
+            for key in ("text", "label_column"):
+                if getattr(s, key) is None:
+                    raise ctx.error(key, "task classification needs text, label_column and labels",
+                                    hint=f"e.g. {ctx.sp.name}.text='{{sentence1}}' {ctx.sp.name}.text_pair="
+                                    f"'{{sentence2}}' {ctx.sp.name}.label_column=label {ctx.sp.name}.labels=[0,1]")
+            if len(s.labels) < 2:
+                raise ctx.error("labels", f"the class set needs at least two classes, got {list(s.labels)}")
+            dup = sorted({str(v) for v in s.labels if [str(x) for x in s.labels].count(str(v)) > 1})
+            if dup:
+                raise ctx.error("labels", f"class(es) {', '.join(dup)} listed twice in {list(s.labels)}")
+            return [], []
+        if s.task == "seq2seq" and (s.prompt is None or s.response is None):
+            raise ctx.error("prompt" if s.prompt is None else "response", "task seq2seq needs prompt (the input, "
+                            "e.g. 'summarize: {dialogue}') and response (the target, e.g. '{summary}')")
         if (s.prompt is None) != (s.response is None):
             key = "response" if s.response is None else "prompt"
             raise ctx.error(key, "prompt and response are set together (or neither: whole texts from "
@@ -107,8 +139,12 @@ class Prepare(StageKind):
                 raise composed.error(f"{name}.tokenizer", f"{tok} has no tokenizer (tokenizer.json, "
                                      "tokenizer_config.json or a Meta tokenizer.model)")
         data = plan.chain.data
-        templates = [("prompt", s.prompt), ("response", s.response)] if s.prompt is not None else \
-            [("data.template", data.template)]
+        if s.task == "classification":
+            templates = [("text", s.text)] + ([("text_pair", s.text_pair)] if s.text_pair is not None else [])
+        elif s.prompt is not None:
+            templates = [("prompt", s.prompt), ("response", s.response)]
+        else:
+            templates = [("data.template", data.template)]
         try:
             # data.columns first (the file named by data.path lacks one: the error names data.path,
             # as the other stages' checks do), then the columns the templates use
@@ -126,6 +162,8 @@ class Prepare(StageKind):
                                      f"{template!r} names column(s) {', '.join(repr(m) for m in missing)} that "
                                      f"{data.path} does not have; found: "
                                      f"{', '.join(repr(c) for c in info['columns'])}")
+        if s.task == "classification":
+            self._check_labels(composed, name, s, data.path, info)
         rows = count_rows(Path(data.path), info["format"], info["rows"])
         if rows is not None and len(data.split) == 3 and sum(data.split) > 0:
             sizes = split_sizes(rows, data.split)
@@ -136,15 +174,37 @@ class Prepare(StageKind):
                                      f"the {' and '.join(empty)} split empty ({shown})",
                                      hint="add rows or change data.split")
 
+    @staticmethod
+    def _check_labels(composed, name: str, s: PrepareStage, path: str, info: dict) -> None:
+        """The label column is there, and, in a file small enough to read here, every value is a class."""
+        from ..datacheck import column_values
+
+        if s.label_column not in info["columns"]:
+            raise composed.error(f"{name}.label_column", f"{path} has no column {s.label_column!r}; found: "
+                                 f"{', '.join(repr(c) for c in info['columns'])}")
+        if os.path.getsize(path) > _COUNT_LIMIT:
+            return   # the prepare job checks every row
+        classes = {str(v) for v in s.labels}
+        for row, value in column_values(path, s.label_column):
+            if ("" if value is None else str(value).strip()) not in classes:
+                raise composed.error(f"{name}.labels", f"{path}: row {row}, column {s.label_column!r}: label "
+                                     f"{value!r} is not one of {list(s.labels)}",
+                                     hint=f"fix the row, or add the class to {name}.labels")
+
     def files(self, plan, sp):
         s = sp.cfg
+        task = {"classification": {"text": s.text, "text_pair": s.text_pair, "label_column": s.label_column,
+                                   "labels": list(s.labels)},
+                "seq2seq": {"max_target_length": s.max_target_length}}.get(s.task, {})
         return {"prepare.json": to_json({
+            "task": s.task,
             "tokenizer": s.tokenizer,
             "data": plain(plan.chain.data),
             "prompt": s.prompt,
             "response": s.response,
             "train_on_inputs": s.train_on_inputs,
             "max_seq_length": s.max_seq_length,
+            **task,
         })}
 
 

@@ -268,6 +268,14 @@ def evaluate(
     cfg = load_train_config(config)
     device = device or default_device()
     dtype = dtype or default_dtype(device)
+    from hpcjobs.train.tasks import task_module
+
+    task = task_module(cfg.get("task"))
+    if task is not None:   # classification, seq2seq: their own metrics (hpcjobs.train.tasks)
+        report = task.evaluate(cfg, base, merged, output, batch_size=batch_size, device=device, dtype=dtype,
+                               log=log, **({"max_new_tokens": max_new_tokens} if cfg["task"] == "seq2seq" else {}))
+        log(f"reports written to {Path(output).resolve()}/report.{{md,json}} ({time.time() - t0:.1f}s)")
+        return report
     max_length = int(cfg["train"]["max_seq_length"])
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 

@@ -471,8 +471,13 @@ def make_callbacks(progress: ProgressWriter, preempt: PreemptFlag, global_batch:
                     "epoch": _finite(state.epoch),
                     "eval_loss": _finite(logs["eval_loss"]),
                 }
+                # the task's metrics too (eval_accuracy, eval_f1, eval_rouge1, ...), not the timings
+                rec.update({k: _finite(v) for k, v in logs.items() if k.startswith("eval_") and k not in rec
+                            and not k.endswith(("_runtime", "_per_second")) and _finite(v) is not None})
                 progress.write(rec)
-                log(f"eval step {state.global_step}: eval_loss={rec['eval_loss']}")
+                log(f"eval step {state.global_step}: " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else
+                                                                   f"{k}={v}" for k, v in rec.items()
+                                                                   if k.startswith("eval_")))
             elif "train_runtime" in logs:
                 self.summary = {k: _finite(v) for k, v in logs.items() if _finite(v) is not None}
 
@@ -649,12 +654,21 @@ def run(cfg: dict, device: str, info: dict, preempt: PreemptFlag, progress: Prog
     model_path = cfg["model_path"]
     if not Path(model_path, "config.json").is_file():
         raise HpcjobsError(f"{model_path}: not a Hugging Face model directory (no config.json)")
+    from hpcjobs.train.tasks import task_module
+
+    task = task_module(cfg.get("task"))   # None: causal-lm (SFTTrainer, below)
+    prepared_info: dict[str, Any] = {}
     if cfg.get("prepared"):
-        from hpcjobs.train.prepare import MODEL_COLUMNS, load_prepared
+        from hpcjobs.train.prepare import MODEL_COLUMNS, load_prepared, read_stats
 
         # Tokenized once by the prepare stage: memory-mapped Arrow files, no work per rank.
         splits = load_prepared(cfg["prepared"])
-        splits = {k: v.select_columns(list(MODEL_COLUMNS)) for k, v in splits.items()}
+        prepared_info = read_stats(cfg["prepared"])
+        if prepared_info.get("task", "causal-lm") != (cfg.get("task") or "causal-lm"):
+            raise HpcjobsError(f"{cfg['prepared']} was prepared for task {prepared_info.get('task', 'causal-lm')}, "
+                               f"this stage trains task {cfg.get('task') or 'causal-lm'}")
+        columns = task.MODEL_COLUMNS if task is not None else MODEL_COLUMNS
+        splits = {k: v.select_columns([c for c in columns if c in v.column_names]) for k, v in splits.items()}
         if info["rank"] == 0:
             log(f"data: loaded prepared dataset {cfg['prepared']} (train={len(splits['train'])} "
                 f"eval={len(splits['eval'])} rows; no tokenization)")
@@ -664,7 +678,8 @@ def run(cfg: dict, device: str, info: dict, preempt: PreemptFlag, progress: Prog
             log(f"data: train={len(splits['train'])} test={len(splits['test'])} eval={len(splits['eval'])} rows")
 
     eval_steps = t.get("eval_steps")
-    report_eval = bool(eval_steps)
+    best = t.get("best_metric")
+    report_eval = bool(eval_steps) or bool(best)
     tensorboard: dict[str, Any] = {}
     if "tensorboard" in t["report_to"] and cfg["tensorboard_dir"]:
         # transformers 5 dropped TrainingArguments.logging_dir: its TensorBoardCallback reads
@@ -673,7 +688,17 @@ def run(cfg: dict, device: str, info: dict, preempt: PreemptFlag, progress: Prog
         os.environ["TENSORBOARD_LOGGING_DIR"] = cfg["tensorboard_dir"]
         if "logging_dir" in {f.name for f in dataclasses.fields(SFTConfig)}:
             tensorboard["logging_dir"] = cfg["tensorboard_dir"]
-    sft_args = SFTConfig(
+    if best:
+        # a checkpoint at every evaluation, the best loaded at the end; KeepBest prunes them
+        # (the Trainer's own rotation keeps the newest, not the best)
+        when = "steps" if eval_steps else "epoch"
+        saving = dict(save_strategy=when, save_steps=eval_steps or t["save_steps"], save_total_limit=None,
+                      eval_strategy=when, eval_steps=eval_steps, load_best_model_at_end=True,
+                      metric_for_best_model=best, greater_is_better=best != "loss")
+    else:
+        saving = dict(save_strategy="steps", save_steps=t["save_steps"], save_total_limit=t["save_total_limit"],
+                      eval_strategy="steps" if report_eval else "no", eval_steps=eval_steps if report_eval else None)
+    common = dict(
         output_dir=cfg["checkpoint_dir"],
         per_device_train_batch_size=t["micro_batch_size"],
         per_device_eval_batch_size=t.get("eval_batch_size") or t["micro_batch_size"],
@@ -683,11 +708,6 @@ def run(cfg: dict, device: str, info: dict, preempt: PreemptFlag, progress: Prog
         num_train_epochs=float(t["num_train_epochs"]),
         warmup_steps=t["warmup_steps"] or 0,
         lr_scheduler_type=t["lr_scheduler_type"],
-        max_length=t["max_seq_length"],
-        packing=bool(t.get("packing")),
-        dataset_text_field="text",
-        # prepared: already tokenized, labelled and cut; SFTTrainer must not map over it again
-        dataset_kwargs={"skip_prepare_dataset": True} if cfg.get("prepared") else None,
         include_num_input_tokens_seen="non_padding",  # real tokens, for throughput
         **{_checkpointing_field(SFTConfig): bool(t["gradient_checkpointing"])},
         bf16=t["precision"] == "bf16",
@@ -695,11 +715,7 @@ def run(cfg: dict, device: str, info: dict, preempt: PreemptFlag, progress: Prog
         max_grad_norm=float(t["max_grad_norm"]),
         logging_steps=t["logging_steps"],
         logging_first_step=True,
-        save_strategy="steps",
-        save_steps=t["save_steps"],
-        save_total_limit=t["save_total_limit"],
-        eval_strategy="steps" if report_eval else "no",
-        eval_steps=eval_steps if report_eval else None,
+        **saving,
         seed=int(t["seed"]),
         data_seed=int(t["seed"]),
         optim=t["optim"],
@@ -713,6 +729,17 @@ def run(cfg: dict, device: str, info: dict, preempt: PreemptFlag, progress: Prog
         ddp_find_unused_parameters=False,
         save_only_model=False,
     )
+    if task is not None:
+        sft_args = task.training_args(common, {**t, **prepared_info})
+    else:
+        sft_args = SFTConfig(
+            **common,
+            max_length=t["max_seq_length"],
+            packing=bool(t.get("packing")),
+            dataset_text_field="text",
+            # prepared: already tokenized, labelled and cut; SFTTrainer must not map over it again
+            dataset_kwargs={"skip_prepare_dataset": True} if cfg.get("prepared") else None,
+        )
     # TrainingArguments initialised torch.distributed (and DeepSpeed) by now
     import torch.distributed as dist
 
@@ -735,7 +762,10 @@ def run(cfg: dict, device: str, info: dict, preempt: PreemptFlag, progress: Prog
     global_batch = t["micro_batch_size"] * t["gradient_accumulation_steps"] * sft_args.world_size
 
     tokenizer = load_tokenizer(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(t["precision"]))
+    if task is not None:
+        model = task.load_model(model_path, torch_dtype(t["precision"]), prepared_info)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(t["precision"]))
     model.config.use_cache = False
 
     lora = cfg["lora"]
@@ -745,7 +775,7 @@ def run(cfg: dict, device: str, info: dict, preempt: PreemptFlag, progress: Prog
         lora_dropout=float(lora["dropout"]),
         target_modules=list(lora["target_modules"]),
         bias=lora["bias"],
-        task_type="CAUSAL_LM",
+        task_type=task.PEFT_TASK_TYPE if task is not None else "CAUSAL_LM",
     ) if lora.get("enabled", True) else None  # None: full finetuning, the output is the whole model
 
     resume_from = find_resume_checkpoint(
@@ -756,21 +786,37 @@ def run(cfg: dict, device: str, info: dict, preempt: PreemptFlag, progress: Prog
     from hpcjobs.train import memory
 
     probe = memory.MemoryProbe()
-    trainer = SFTTrainer(
-        model=model,
-        args=sft_args,
-        train_dataset=splits["train"],
-        eval_dataset=splits["eval"] if report_eval and len(splits["eval"]) else None,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        # prepared labels (-100 on prompts) padded with -100, inputs to a multiple of 8
-        data_collator=prepared_collator(tokenizer) if cfg.get("prepared") else None,
-        callbacks=[progress_cb, preempt_cb, memory.probe_callback(probe)],
-    )
+    callbacks = [progress_cb, preempt_cb, memory.probe_callback(probe)]
+    if best:
+        from hpcjobs.train.best import KeepBest
+
+        callbacks.append(KeepBest(best, t["save_total_limit"]))
+    evaluation = splits["eval"] if report_eval and len(splits["eval"]) else None
+    if task is not None:
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        trainer = task.make_trainer(model, sft_args, splits["train"], evaluation, tokenizer, callbacks,
+                                    prepared_info)
+    else:
+        trainer = SFTTrainer(
+            model=model,
+            args=sft_args,
+            train_dataset=splits["train"],
+            eval_dataset=evaluation,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            # prepared labels (-100 on prompts) padded with -100, inputs to a multiple of 8
+            data_collator=prepared_collator(tokenizer) if cfg.get("prepared") else None,
+            callbacks=callbacks,
+        )
     trainer.remove_callback(PrinterCallback)  # our ProgressCallback prints the step lines
     if info["rank"] == 0:
-        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in trainer.model.parameters())
+        # ZeRO-3 has partitioned the weights: numel() is 0, ds_numel the whole tensor's
+        numel = lambda p: getattr(p, "ds_numel", p.numel())   # noqa: E731
+        trainable = sum(numel(p) for p in trainer.model.parameters() if p.requires_grad)
+        total = sum(numel(p) for p in trainer.model.parameters())
         if peft_config is not None:
             trainable, total = trainer.model.get_nb_trainable_parameters()
         log(f"{'lora' if peft_config is not None else 'full finetune'}: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")

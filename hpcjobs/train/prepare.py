@@ -132,17 +132,28 @@ def format_splits(cfg: dict[str, Any], tok) -> tuple["Any", dict[str, Any]]:
     from hpcjobs.datacheck import template_fields
     from hpcjobs.train.data import format_record, load_table, split_dataset
 
+    from hpcjobs.train.tasks import task_module
+
     data = cfg["data"]
     source = data["path"]
+    task = task_module(cfg.get("task"))   # None: causal-lm, formatted here
     prompt_t, response_t = cfg.get("prompt"), cfg.get("response")
     if prompt_t is not None and response_t is None:
         raise HpcjobsError("prepare: prompt is set but response is not (both templates are needed)")
-    templates = [prompt_t, response_t] if prompt_t is not None else [data["template"]]
+    if task is not None:
+        templates = task.templates(cfg)
+    else:
+        templates = [prompt_t, response_t] if prompt_t is not None else [data["template"]]
     fields: list[str] = []
     for t in templates:
         fields += [f for f in template_fields(t) if f not in fields]
     table = load_table(source, [])  # columns checked below, naming the template
     _check_columns(table, templates, source)
+    for col in task.columns(cfg) if task is not None else []:
+        if col not in table.column_names:
+            raise HpcjobsError(f"{source}: no column {col!r} (found: {', '.join(map(repr, table.column_names))})")
+        if col not in fields:
+            fields.append(col)
     # The row number in the file follows each row through the split.
     table = table.select_columns(fields).add_column("_row", list(range(1, len(table) + 1)))
     try:
@@ -160,7 +171,7 @@ def format_splits(cfg: dict[str, Any], tok) -> tuple["Any", dict[str, Any]]:
     max_len = int(cfg["max_seq_length"])
     train_on_inputs = bool(cfg.get("train_on_inputs"))
     eos, eos_id = tok.eos_token, tok.eos_token_id
-    if eos_id is None:
+    if eos_id is None and task is None:   # a causal LM learns where to stop; an encoder has no EOS
         raise HpcjobsError(f"{cfg['tokenizer']}: the tokenizer has no EOS token")
     nproc = _num_proc(len(table))
 
@@ -215,12 +226,20 @@ def format_splits(cfg: dict[str, Any], tok) -> tuple["Any", dict[str, Any]]:
             out["length"].append(len(ids))
         return out
 
-    fn = prompt_response if prompt_t is not None else whole_text
+    if task is not None:
+        fn = task.prepare_map(cfg, tok, source)
+    else:
+        fn = prompt_response if prompt_t is not None else whole_text
     prepared, stats = {}, {}
     for name in SPLITS:
         ds = splits[name]
         ds = ds.map(fn, batched=True, batch_size=1000, remove_columns=ds.column_names, num_proc=nproc if len(ds)
                     >= 2000 else None, desc=None)
+        if task is not None:
+            stats[name] = task.split_stats(ds, list(cfg.get("labels") or []))
+            prepared[name] = ds.remove_columns([c for c in ("length", "target_length", "truncated")
+                                                if c in ds.column_names])
+            continue
         dropped = sum(ds["dropped"]) if "dropped" in ds.column_names else 0
         if dropped:
             ds = ds.filter(lambda d: not d, input_columns="dropped")
@@ -292,8 +311,10 @@ def prepare(config: str | os.PathLike, output: str | os.PathLike) -> dict[str, A
     datasets.disable_caching()  # nothing written next to the data or under HF_HOME
     tok = load_tokenizer(cfg["tokenizer"])
     log(f"tokenizer {cfg['tokenizer']} ({type(tok).__name__}, {len(tok)} tokens, eos {tok.eos_token!r}); "
-        f"data {cfg['data']['path']}; format "
-        + (f"prompt {cfg['prompt']!r} + response {cfg['response']!r}, train_on_inputs="
+        f"data {cfg['data']['path']}; task {cfg.get('task') or 'causal-lm'}; format "
+        + (f"text {cfg.get('text')!r} + pair {cfg.get('text_pair')!r} -> label {cfg.get('label_column')!r} "
+           f"in {cfg.get('labels')}" if cfg.get("task") == "classification"
+           else f"prompt {cfg['prompt']!r} + response {cfg['response']!r}, train_on_inputs="
            f"{bool(cfg.get('train_on_inputs'))}" if cfg.get("prompt") is not None
            else f"whole text {cfg['data']['template']!r}")
         + f"; max_seq_length {cfg['max_seq_length']}")
@@ -303,6 +324,9 @@ def prepare(config: str | os.PathLike, output: str | os.PathLike) -> dict[str, A
     tok_files = out / "tokenizer"
     tok.save_pretrained(str(tok_files))  # what the tokens mean, beside them
     record = {
+        "task": cfg.get("task") or "causal-lm",
+        **({"labels": list(cfg["labels"])} if cfg.get("labels") else {}),
+        **({"max_target_length": int(cfg["max_target_length"])} if cfg.get("max_target_length") else {}),
         "format": "prompt_response" if cfg.get("prompt") is not None else "text",
         "prompt": cfg.get("prompt"),
         "response": cfg.get("response"),
@@ -316,7 +340,8 @@ def prepare(config: str | os.PathLike, output: str | os.PathLike) -> dict[str, A
     }
     (out / STATS_FILE).write_text(json.dumps(record, indent=2) + "\n")
     for name, s in stats.items():
-        log(f"{name}: {s['rows']} rows, {s['tokens']} tokens ({s['trained_tokens']} trained), "
+        what = f"{s['trained_tokens']} trained" if "trained_tokens" in s else f"classes {s.get('classes')}"
+        log(f"{name}: {s['rows']} rows, {s['tokens']} tokens ({what}), "
             f"{s['truncated']} truncated, {s['dropped']} dropped, longest {s['longest']}")
     log(f"prepared data set in {out} ({record['seconds']}s)")
     return record
