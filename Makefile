@@ -10,7 +10,7 @@ HPCJOBS := $(VENV)/bin/hpcjobs
 # torch>=2.0): an open range would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 DEMO_DIR ?= $(CURDIR)/demo
-# make demo RECIPE=qwen2-grpo (or sft-lora, llm-pretrain): any recipe `hpcjobs demo-assets --recipe` knows
+# make demo RECIPE=qwen2-grpo (or sft-lora, llm-pretrain, seq-classification, seq2seq): any recipe `hpcjobs demo-assets --recipe` knows
 RECIPE ?= llama2-lora
 export HPCJOBS_DEVCLUSTER ?= $(CURDIR)/.devcluster
 
@@ -34,7 +34,7 @@ cluster-down:
 	$(HPCJOBS) devcluster down
 
 test: install system-deps
-	$(PY) -m pytest -ra --timeout=1200 $(PYTEST_ARGS)
+	$(PY) -m pytest -ra --timeout=1200 --durations=40 $(PYTEST_ARGS)
 
 # Everything that needs neither Slurm nor the training stack.
 test-fast: install

@@ -63,7 +63,7 @@ def _submit_finetune(hpcjobs, demo_assets, hf_model, name, *overrides, nodes=2):
 @pytest.mark.train
 @pytest.mark.slow
 def test_a_rank_killed_on_node2_then_rerun_resumes(devcluster, hpcjobs, demo_assets, hf_model, tmp_path):
-    sub = _submit_finetune(hpcjobs, demo_assets, hf_model, "rankkill", "finetune.max_steps=400",
+    sub = _submit_finetune(hpcjobs, demo_assets, hf_model, "rankkill", "finetune.max_steps=250",
                            "finetune.save_steps=50", "finetune.logging_steps=5")
     run = sub["run_dir"]
     wait_for(lambda: _step(run) >= 120, timeout=600, what="training past step 120")
@@ -88,7 +88,7 @@ def test_a_rank_killed_on_node2_then_rerun_resumes(devcluster, hpcjobs, demo_ass
     assert start["step"] == done_before                    # the global step continues
     assert start["resumed_from"].endswith(f"checkpoint-{done_before}")
     steps = [r["step"] for r in prog if "loss" in r]
-    assert steps[0] > done_before and prog[-1]["event"] == "end" and prog[-1]["step"] == 400
+    assert steps[0] > done_before and prog[-1]["event"] == "end" and prog[-1]["step"] == 250
 
     # --fresh: start over (old checkpoints moved aside, not deleted), with a change of plan.
     rr = hpcjobs("rerun", sub["chain"], "--from", "finetune", "--fresh", "finetune.max_steps=20")
@@ -98,7 +98,7 @@ def test_a_rank_killed_on_node2_then_rerun_resumes(devcluster, hpcjobs, demo_ass
     prog = _progress(run, attempt=3)
     assert next(r for r in prog if r.get("event") == "start")["step"] == 0
     assert prog[-1]["step"] == 20
-    assert (Path(run) / "checkpoints.before-attempt-3" / "checkpoint-400").is_dir()
+    assert (Path(run) / "checkpoints.before-attempt-3" / "checkpoint-250").is_dir()
     _report_shows_the_attempts(hpcjobs, sub, tmp_path)
 
 
@@ -119,7 +119,7 @@ def _report_shows_the_attempts(hpcjobs, sub, out_dir):
     start = next(r for r in _progress(run, attempt=2) if r.get("event") == "start")
     text = page.read_text()
     assert f"attempt 2 resumed at step {start['step']}" in text and "attempt 3 started over" in text
-    assert re.search(r"<code>finetune\.max_steps</code></td><td><code>400</code></td><td><code>20</code>", text)
+    assert re.search(r"<code>finetune\.max_steps</code></td><td><code>250</code></td><td><code>20</code>", text)
 
 
 @pytest.mark.train
@@ -127,7 +127,7 @@ def _report_shows_the_attempts(hpcjobs, sub, out_dir):
 def test_a_node_dies_node_fail_then_completes(devcluster, hpcjobs, demo_assets, hf_model):
     """node2 dies (slurmd and its job processes killed): NODE_FAIL, node2 named, and after the
     node returns, Slurm's requeue resumes the finetune from its checkpoint."""
-    sub = _submit_finetune(hpcjobs, demo_assets, hf_model, "poweroff", "finetune.max_steps=400",
+    sub = _submit_finetune(hpcjobs, demo_assets, hf_model, "poweroff", "finetune.max_steps=250",
                            "finetune.save_steps=50", "finetune.logging_steps=5")
     run = sub["run_dir"]
     wait_for(lambda: _step(run) >= 120, timeout=600, what="training past step 120")
@@ -234,7 +234,7 @@ echo "$out"
 def test_e_time_limit_requeues_and_resumes(devcluster, hpcjobs, demo_assets, hf_model):
     """A 1-minute limit with the warning 55 s before it: the finetune checkpoints, requeues itself
     (same job id, so downstream dependencies hold) and continues from that global step."""
-    sub = _submit_finetune(hpcjobs, demo_assets, hf_model, "timelimit", "finetune.max_steps=1500",
+    sub = _submit_finetune(hpcjobs, demo_assets, hf_model, "timelimit", "finetune.max_steps=500",
                            "finetune.save_steps=100000", "finetune.logging_steps=10", "finetune.time=00:01:00",
                            "profile.signal_grace=55", nodes=1)
     run, job = sub["run_dir"], sub["jobs"]["finetune"]
@@ -253,7 +253,7 @@ def test_e_time_limit_requeues_and_resumes(devcluster, hpcjobs, demo_assets, hf_
     stopped = next(r for r in prog if r.get("event") == "preempted")
     starts = [r for r in prog if r.get("event") == "start"]
     assert starts[-1]["step"] == stopped["step"] > 0
-    assert prog[-1]["event"] == "end" and prog[-1]["step"] == 1500
+    assert prog[-1]["event"] == "end" and prog[-1]["step"] == 500
     log = Path(ft["log"]).read_text()
     assert "requeueing (restart 1 of 3)" in log
 

@@ -131,7 +131,7 @@ def test_classification_accuracy_rises_above_chance(cls_chain):
     assert len(preds) == stats["splits"]["test"]["rows"] == report["rows"]["test"]
     assert sum(p["label"] == p["predicted"] for p in preds) / len(preds) == pytest.approx(
         report["test_accuracy"]["merged"])
-    assert {p["label"] for p in preds} <= {"0", "1"} and all("text_pair" in p for p in preds)
+    assert {p["label"] for p in preds} <= {0, 1} and all("text_pair" in p for p in preds)
     assert (run / "eval" / "report.md").read_text().count("| validation | accuracy |") == 1
 
 

@@ -1,4 +1,6 @@
-"""LoRA supervised finetuning (TRL SFTTrainer, optionally DeepSpeed ZeRO) inside a Slurm job.
+"""LoRA or full finetuning (TRL SFTTrainer for a causal LM; the Trainer or Seq2SeqTrainer for the
+classification and seq2seq tasks of :mod:`hpcjobs.train.tasks`; optionally DeepSpeed ZeRO)
+inside a Slurm job.
 
 Launched once per rank, normally by DeepSpeed's launcher::
 
@@ -12,6 +14,8 @@ plain DDP when ``deepspeed_config`` is null.)
 train.json (written by the render step; relative paths are taken relative to
 the directory of train.json)::
 
+    task              "causal-lm" (default) | "classification" | "seq2seq" (needs ``prepared``
+                      of the same task)
     model_path        HF model directory (the adapter records its absolute path)
     output_dir        where rank 0 saves the final adapter (+ tokenizer)
     checkpoint_dir    Trainer checkpoints (checkpoint-<global step>/)
@@ -32,7 +36,10 @@ the directory of train.json)::
                        max_grad_norm, logging_steps, save_steps, save_total_limit,
                        eval_steps, seed, optim, packing (default false),
                        eval_batch_size (default micro_batch_size),
-                       report_to (the Trainer's integrations, a list; default [])}
+                       report_to (the Trainer's integrations, a list; default []),
+                       best_metric (evaluate, checkpoint at each evaluation, keep the
+                       save_total_limit best by eval_<metric> and the latest, load the best
+                       at the end; null: checkpoints every save_steps)}
 
 Preemption: SIGUSR2 on any rank makes every rank stop after the current
 optimizer step (the flag is all-reduced at each step end), save a checkpoint,

@@ -105,16 +105,6 @@ def load_tokenizer(source: str | os.PathLike):
 # ----------------------------------------------------------------------------
 
 
-def _cell_text(value: Any, row: int, column: str, source: str) -> str:
-    """A cell as text; None/NaN are empty. Lists and mappings are refused (naming row and column)."""
-    if value is None or (isinstance(value, float) and value != value):
-        return ""
-    if isinstance(value, (list, dict, tuple, bytes)):
-        raise HpcjobsError(f"{source}: row {row}, column {column!r}: expected text, got {type(value).__name__} "
-                           f"{str(value)[:60]!r}")
-    return str(value).strip()
-
-
 def _check_columns(ds, templates: list[str], source: str) -> None:
     from hpcjobs.datacheck import _missing, _missing_error, template_fields
 
@@ -132,7 +122,7 @@ def format_splits(cfg: dict[str, Any], tok) -> tuple["Any", dict[str, Any]]:
     from hpcjobs.datacheck import template_fields
     from hpcjobs.train.data import format_record, load_table, split_dataset
 
-    from hpcjobs.train.tasks import task_module
+    from hpcjobs.train.tasks import cell_text, task_module
 
     data = cfg["data"]
     source = data["path"]
@@ -199,10 +189,10 @@ def format_splits(cfg: dict[str, Any], tok) -> tuple["Any", dict[str, Any]]:
         rows = batch["_row"]
         prompts, responses = [], []
         for i, row in enumerate(rows):
-            p = prompt_t.format(**{f: _cell_text(batch[f][i], row, f, source) for f in p_fields})
-            r = response_t.format(**{f: _cell_text(batch[f][i], row, f, source) for f in r_fields})
+            p = prompt_t.format(**{f: cell_text(batch[f][i], row, f, source) for f in p_fields})
+            r = response_t.format(**{f: cell_text(batch[f][i], row, f, source) for f in r_fields})
             if not r.strip():
-                col = next((f for f in r_fields if not _cell_text(batch[f][i], row, f, source)), r_fields[0]
+                col = next((f for f in r_fields if not cell_text(batch[f][i], row, f, source)), r_fields[0]
                            if r_fields else "(response template)")
                 raise HpcjobsError(f"{source}: row {row}, column {col!r}: empty response, nothing to train on",
                                    hint="drop the row or fix the data set")
