@@ -741,7 +741,10 @@ def devcluster_status(as_json):
                    "Qwen2 and TL;DR-style prompts; llm-pretrain: a small repetitive corpus (JSON lines) and tiny "
                    "size settings; seq-classification: a tiny BERT and sentence pairs with labels; seq2seq: a "
                    "tiny T5 and dialogues with summaries")
-def demo_assets(outdir, seed, recipe):
+@click.option("--arch", type=click.Choice(["bloom", "qwen2"]), default=None,
+              help="sft-lora only: the tiny model's architecture (default bloom; qwen2 can use "
+                   "finetune.packing, bloom cannot)")
+def demo_assets(outdir, seed, recipe, arch):
     """Write a tiny model, a small learnable data set and OUTDIR/demo.yaml for RECIPE's demo.
 
     Needs the train extra. Nothing is downloaded. Pass demo.yaml with --config:
@@ -752,8 +755,10 @@ def demo_assets(outdir, seed, recipe):
     if recipe not in assets.DEMO_RECIPES:
         raise click.BadParameter(f"no demo assets for {recipe!r} (known: {', '.join(assets.DEMO_RECIPES)})",
                                  param_hint="--recipe")
+    if arch is not None and recipe != "sft-lora":
+        raise click.BadParameter(f"chooses sft-lora's tiny model; {recipe}'s model is fixed", param_hint="--arch")
     out = Path(outdir).absolute()
-    made = assets.make_for_recipe(recipe, out, seed=seed)
+    made = assets.make_for_recipe(recipe, out, seed=seed, arch=arch)
     for k, v in made.items():
         click.echo(f"{k:<11} {v}")
 

@@ -44,6 +44,11 @@ class LoraCfg:
 LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "bloom": ["query_key_value"],
                 "bert": ["query", "value"], "t5": ["q", "v"]}
 
+# Architectures whose attention reads example boundaries from position_ids (transformers'
+# create_causal_mask), so packed examples cannot attend to each other (hpcjobs.train.packing;
+# tests/test_packing.py checks each). Not bloom: its ALiBi attention ignores position_ids.
+PACKING_ARCHS = ("llama", "qwen2")
+
 
 @dataclass
 class FinetuneStage(StageCfg):
@@ -65,6 +70,10 @@ class FinetuneStage(StageCfg):
     scheduler: str = choice(*SCHEDULERS, default="cosine", unsupported=SCHEDULERS_UNSUPPORTED)
     """The Trainer's ``lr_scheduler_type``; reduce_lr_on_plateau and greedy need ``eval_steps``."""
     max_seq_length: int = number(512, ge=1)
+    packing: bool = False
+    """Pack whole prepared examples into rows of up to max_seq_length tokens instead of padding
+    each micro batch (causal-lm with a prepare stage; Llama- and Qwen2-style models only). An
+    example still attends only to itself; fewer, fuller rows make fewer steps per epoch."""
     gradient_checkpointing: Any = auto_or(True, bool)
     """true, false or auto (off if the setup fits without it)."""
     precision: str = choice("auto", *PRECISIONS, default="auto")
@@ -184,6 +193,31 @@ def _choose(ctx: PlanContext, free: List[str]) -> None:
     }
 
 
+def _check_packing(ctx: PlanContext) -> None:
+    """Packing needs prepared causal-LM examples and a model whose attention keeps them apart."""
+    from ..memplan import report
+
+    s, name = ctx.sp.cfg, ctx.sp.name
+    if s.task != "causal-lm":
+        raise ctx.error("packing", f"packing is for task causal-lm; task {s.task} trains on whole examples",
+                        hint=f"set {name}.packing=false")
+    if not s.prepared:
+        raise ctx.error("packing", "packing packs a prepare stage's examples, and this stage has none "
+                        f"({name}.prepared is unset)",
+                        hint=f"add a prepare stage and set {name}.prepared to its output (sft-lora and "
+                        "llama2-lora do), or set packing=false")
+    try:
+        shape, cfg_path = report.load_shape(ctx.chain, name, s.model)
+    except ConfigError as e:
+        raise ctx.error("packing", f"packing needs the model's architecture, but {e.message}",
+                        hint=f"set {name}.packing=false") from None
+    if shape.arch not in PACKING_ARCHS:
+        raise ctx.error("packing", f"{shape.arch} ({cfg_path}) cannot keep packed examples apart: its "
+                        "attention ignores position ids, so each example would attend to the ones packed "
+                        f"before it (packing works for {', '.join(PACKING_ARCHS)})",
+                        hint=f"set {name}.packing=false")
+
+
 def _lora_targets(ctx: PlanContext) -> List[str]:
     """LoRA targets for the model's architecture, read on the login node as `hpcjobs plan` reads it."""
     from ..memplan import report
@@ -242,6 +276,8 @@ class Finetune(StageKind):
             raise composed.error(f"{name}.prepared", f"task {s.task} trains on a prepare stage's output",
                                  hint=f"add a prepare stage with task {s.task} and set {name}.prepared to its "
                                  "output (the seq-classification and seq2seq recipes do)")
+        if s.packing:
+            _check_packing(ctx)
         if s.best_metric is not None and s.best_metric not in TASK_METRICS[s.task]:
             raise composed.error(f"{name}.best_metric", f"task {s.task} evaluates "
                                  f"{', '.join(TASK_METRICS[s.task])}, not {s.best_metric!r}")
@@ -337,6 +373,7 @@ class Finetune(StageKind):
                 "warmup_steps": s.warmup_steps,
                 "lr_scheduler_type": s.scheduler,
                 "max_seq_length": s.max_seq_length,
+                "packing": s.packing,
                 "gradient_checkpointing": s.gradient_checkpointing,
                 "precision": s.precision,
                 "max_grad_norm": s.max_grad_norm,

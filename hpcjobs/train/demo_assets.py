@@ -582,15 +582,28 @@ finetune:
 """
 
 
-def make_sft_demo_assets(outdir: str | Path, seed: int = 0, rows: int = DEFAULT_ROWS) -> dict[str, Path]:
-    """A tiny Bloom (``bloom-tiny/``), ``instructions.jsonl`` (input/target) and ``demo.yaml``.
+SFT_ARCHS = ("bloom", "qwen2")
+
+
+def make_sft_demo_assets(outdir: str | Path, seed: int = 0, rows: int = DEFAULT_ROWS,
+                         arch: str = "bloom") -> dict[str, Path]:
+    """A tiny Bloom (``bloom-tiny/``) or Qwen2 (``qwen2-tiny/``; it can pack, Bloom cannot),
+    ``instructions.jsonl`` (input/target) and ``demo.yaml``.
 
     No prompts file: evaluate takes its prompts (and references) from the prepared test split."""
+    if arch not in SFT_ARCHS:
+        raise ValueError(f"no tiny {arch!r} for sft-lora (known: {', '.join(SFT_ARCHS)})")
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     pairs = make_instructions(rows, seed)
     corpus = [f"{r['input']}\n{r['target']}" for r in pairs] + [r["target"] for r in pairs]
-    model = make_tiny_bloom(outdir / "bloom-tiny", corpus, seed=seed)
+    if arch == "qwen2":
+        from hpcjobs.train.grpo_demo import make_tiny_qwen2
+
+        # Bloom's larger init too: LoRA on a near-uniform random attention learns slowly
+        model = make_tiny_qwen2(outdir / "qwen2-tiny", corpus, seed=seed, warm_up=False, init_range=0.2)
+    else:
+        model = make_tiny_bloom(outdir / "bloom-tiny", corpus, seed=seed)
     dataset = outdir / "instructions.jsonl"
     dataset.write_text("".join(json.dumps(r) + "\n" for r in pairs), encoding="utf-8")
     demo = outdir / "demo.yaml"
@@ -916,13 +929,16 @@ finetune:
 """}
 
 
-def make_for_recipe(recipe: str, outdir: str | Path, seed: int = 0) -> dict[str, Path]:
-    """The demo assets of ``recipe`` and their ``demo.yaml`` (``hpcjobs demo-assets --recipe``)."""
+def make_for_recipe(recipe: str, outdir: str | Path, seed: int = 0, arch: str | None = None) -> dict[str, Path]:
+    """The demo assets of ``recipe`` and their ``demo.yaml`` (``hpcjobs demo-assets --recipe``);
+    ``arch`` chooses sft-lora's tiny model (SFT_ARCHS)."""
+    if arch is not None and recipe != "sft-lora":
+        raise ValueError(f"--arch chooses sft-lora's tiny model; {recipe}'s model is fixed")
+    if recipe == "sft-lora":
+        return make_sft_demo_assets(outdir, seed=seed, arch=arch or "bloom")
     if recipe == "llama2-lora":
         made = make_demo_assets(outdir, seed=seed)
         return {**made, "config": write_llama2_demo_yaml(outdir, made)}
-    if recipe == "sft-lora":
-        return make_sft_demo_assets(outdir, seed=seed)
     if recipe == "llm-pretrain":
         return make_pretrain_demo_assets(outdir, seed=seed)
     if recipe == "qwen2-grpo":

@@ -34,7 +34,8 @@ the directory of train.json)::
                        max_steps, num_train_epochs, warmup_steps, lr_scheduler_type,
                        max_seq_length, gradient_checkpointing, precision (bf16|fp16|fp32),
                        max_grad_norm, logging_steps, save_steps, save_total_limit,
-                       eval_steps, seed, optim, packing (default false),
+                       eval_steps, seed, optim, packing (default false: pack the prepared
+                       train examples into rows, hpcjobs.train.packing; needs ``prepared``),
                        eval_batch_size (default micro_batch_size),
                        report_to (the Trainer's integrations, a list; default []),
                        best_metric (evaluate, checkpoint at each evaluation, keep the
@@ -448,6 +449,7 @@ def make_callbacks(progress: ProgressWriter, preempt: PreemptFlag, global_batch:
                     global_batch_size=global_batch,
                     resumed_from=info.get("resumed_from"),
                     hostname=socket.gethostname(),
+                    **({"packing": info["packing"]} if info.get("packing") else {}),
                 )
                 log(
                     f"training: step {state.global_step}/{state.max_steps} world_size={info['world_size']} "
@@ -679,7 +681,20 @@ def run(cfg: dict, device: str, info: dict, preempt: PreemptFlag, progress: Prog
         if info["rank"] == 0:
             log(f"data: loaded prepared dataset {cfg['prepared']} (train={len(splits['train'])} "
                 f"eval={len(splits['eval'])} rows; no tokenization)")
+        if t.get("packing"):
+            from hpcjobs.train import packing
+
+            examples = len(splits["train"])
+            # every rank bins the same shuffled rows (seeded), so the ranks agree on the rows
+            splits["train"] = packing.pack(splits["train"], int(t["max_seq_length"]), int(t["seed"]))
+            info["packing"] = packing.stats(examples, splits["train"])
+            if info["rank"] == 0:
+                p = info["packing"]
+                log(f"packing: {p['examples']} examples -> {p['rows']} rows of at most {t['max_seq_length']} "
+                    f"tokens ({p['tokens']} tokens, rows {100 * p['fill']:.0f}% full)")
     else:
+        if t.get("packing"):
+            raise HpcjobsError("train.packing packs a prepare stage's examples; set prepared, or packing false")
         splits = load_splits(cfg["data"])
         if info["rank"] == 0:
             log(f"data: train={len(splits['train'])} test={len(splits['test'])} eval={len(splits['eval'])} rows")
@@ -742,7 +757,7 @@ def run(cfg: dict, device: str, info: dict, preempt: PreemptFlag, progress: Prog
         sft_args = SFTConfig(
             **common,
             max_length=t["max_seq_length"],
-            packing=bool(t.get("packing")),
+            packing=False,   # prepared examples are packed above (hpcjobs.train.packing), not by TRL
             dataset_text_field="text",
             # prepared: already tokenized, labelled and cut; SFTTrainer must not map over it again
             dataset_kwargs={"skip_prepare_dataset": True} if cfg.get("prepared") else None,
@@ -815,7 +830,7 @@ def run(cfg: dict, device: str, info: dict, preempt: PreemptFlag, progress: Prog
             processing_class=tokenizer,
             peft_config=peft_config,
             # prepared labels (-100 on prompts) padded with -100, inputs to a multiple of 8
-            data_collator=prepared_collator(tokenizer) if cfg.get("prepared") else None,
+            data_collator=prepared_collator(tokenizer, bool(t.get("packing"))) if cfg.get("prepared") else None,
             callbacks=callbacks,
         )
     trainer.remove_callback(PrinterCallback)  # our ProgressCallback prints the step lines
@@ -865,7 +880,11 @@ def run(cfg: dict, device: str, info: dict, preempt: PreemptFlag, progress: Prog
     return 0
 
 
-def prepared_collator(tokenizer):
+def prepared_collator(tokenizer, packed: bool = False):
+    if packed:   # rows of whole examples, kept apart by position_ids (no attention mask)
+        from hpcjobs.train.packing import PackedCollator
+
+        return PackedCollator(tokenizer.pad_token_id)
     from hpcjobs.train.prepare import collator
 
     return collator(tokenizer)

@@ -110,7 +110,7 @@ def _warm_up_steps(model, tok, prompts, rng, eos, pad, opt, steps) -> None:
 
 
 def make_tiny_qwen2(out_dir: str | Path, texts: list[str], *, seed: int = 0, hidden: int = 64, layers: int = 2,
-                    heads: int = 4, kv_heads: int = 2, warm_up: bool = True) -> Path:
+                    heads: int = 4, kv_heads: int = 2, warm_up: bool = True, init_range: float = 0.02) -> Path:
     """A tiny Qwen2ForCausalLM with a locally trained byte-level BPE tokenizer, in ``out_dir``."""
     import torch
     from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
@@ -125,7 +125,7 @@ def make_tiny_qwen2(out_dir: str | Path, texts: list[str], *, seed: int = 0, hid
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=512, bos_token_id=tok.bos_token_id,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         tie_word_embeddings=True)
+                         tie_word_embeddings=True, initializer_range=init_range)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     if warm_up:
