@@ -367,6 +367,9 @@ def _type_message(msg: str) -> str:
     m = re.match(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", msg)
     if m and m.group(2) in _TYPE_NAMES:
         return f"expects {_TYPE_NAMES[m.group(2)]}, got '{m.group(1)}'"
+    m = re.match(r"Value '(.*)' is not a valid bool", msg)   # OmegaConf words a bad boolean this way
+    if m:
+        return f"expects true or false, got '{m.group(1)}'"
     return msg
 
 

@@ -94,6 +94,7 @@ def test_numbers_lists_and_null_follow_the_schema(hpcjobs_home):
 @pytest.mark.parametrize("override, key, needle", [
     ("finetune.micro_batch_size=1e20", "finetune.micro_batch_size", "expects an integer, got '1e20'"),
     ("finetune.lr=fast", "finetune.lr", "expects a number"),
+    ("finetune.packing=1x", "finetune.packing", "expects true or false, got '1x'"),
     ("data.columns=question", "data.columns", "expects a list"),
     ("data.columns=[a, b", "data.columns", "is not a valid list"),
     ("finetune.nope=1", "finetune.nope", "unknown key"),
