@@ -335,3 +335,23 @@ def test_keep_best_checkpoints():
     assert keep(scores, [10, 20, 30, 40, 50, 55], 2, True) == {20, 40, 55}    # 55: a preemption save
     assert keep({10: 2.0, 20: 1.0, 30: 1.5}, [10, 20, 30], 1, False) == {20, 30}   # loss: lower is better
     assert keep(scores, [10, 20], 0, True) == {10, 20}
+
+
+@pytest.mark.train
+def test_rouge_scores_english_as_rouge_score_does_and_chinese_per_character():
+    from rouge_score import rouge_scorer
+
+    from hpcjobs.train.tasks.seq2seq import ROUGE, rouge
+
+    plain = rouge_scorer.RougeScorer(list(ROUGE), use_stemmer=True)
+    pairs = [("The cats are running home.", "A cat runs home!"), ("don't stop_now 3.5 km", "Don't stop now, 3.5km"),
+             ("Amanda baked cookies", "amanda will bring cookies tomorrow")]
+    for pred, ref in pairs:   # ASCII: the package's own tokens, the same numbers
+        want = {k: plain.score(ref, pred)[k].fmeasure for k in ROUGE}
+        assert rouge([pred], [ref]) == pytest.approx(want), (pred, ref)
+    # The package alone scores Chinese 0 whatever it says; per character: 5 of 6 unigrams,
+    # 3 of 5 bigrams, an LCS of 5
+    assert plain.score("今天天气不好", "今天天气很好")["rouge1"].fmeasure == 0.0
+    got = rouge(["今天天气很好"], ["今天天气不好"])
+    assert got == pytest.approx({"rouge1": 5 / 6, "rouge2": 3 / 5, "rougeL": 5 / 6})
+    assert rouge(["café au lait"], ["Café au lait"])["rouge1"] == pytest.approx(1.0)

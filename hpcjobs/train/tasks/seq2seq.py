@@ -12,13 +12,15 @@
   test rows.
 
 ROUGE is Google's ``rouge_score`` package (what HF ``evaluate`` wraps, without ``evaluate``'s
-download of a metric script at run time): F-measures, with Porter stemming, in [0, 1].
+download of a metric script at run time): F-measures, with Porter stemming, in [0, 1]; text
+in Chinese, Japanese or Korean is scored per character (RougeTokens).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -118,11 +120,35 @@ def make_trainer(model, args, train, evaluation, tok, callbacks, info: dict[str,
                           compute_metrics=metrics if args.predict_with_generate else None, callbacks=callbacks)
 
 
+# Chinese, Japanese kana and Korean Hangul: scored one character per token, the usual unit for
+# ROUGE on text without spaces between words
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
+_TOKEN = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
+
+
+class RougeTokens:
+    """rouge_score's tokens for any language. Its default tokenizer keeps only ``[a-z0-9]`` runs,
+    so a Chinese summary scores 0 whatever it says. Here ASCII words go through that same
+    tokenizer (lowercase, Porter stemming: English scores do not change), a CJK character is a
+    token of its own, and any other word (``café``, ``Straße``) is a lowercased token."""
+
+    def __init__(self) -> None:
+        from rouge_score import tokenizers
+
+        self._ascii = tokenizers.DefaultTokenizer(use_stemmer=True)
+
+    def tokenize(self, text: str) -> list[str]:
+        out: list[str] = []
+        for word in _TOKEN.findall(text.lower()):
+            out.extend(self._ascii.tokenize(word) if word.isascii() else [word])
+        return out
+
+
 def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Mean ROUGE-1/2/L F-measures of ``predictions`` against ``references``."""
+    """Mean ROUGE-1/2/L F-measures of ``predictions`` against ``references`` (RougeTokens)."""
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(list(ROUGE), use_stemmer=True)
+    scorer = rouge_scorer.RougeScorer(list(ROUGE), tokenizer=RougeTokens())
     per = [scorer.score(ref, pred) for pred, ref in zip(predictions, references)]
     return {k: float(mean([s[k].fmeasure for s in per]) or 0.0) for k in ROUGE}
 
