@@ -28,6 +28,7 @@ import pytest
 
 from hpcjobs.errors import HpcjobsError
 from hpcjobs.train import finetune as F
+from hpcjobs.train import runtime as R
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = "Description: {Description} Patient: {Patient} Doctor: {Doctor}"
@@ -82,7 +83,7 @@ def test_load_train_config_bad_json(tmp_path):
 
 def test_find_resume_checkpoint(tmp_path):
     d = tmp_path / "ckpt"
-    assert F.find_resume_checkpoint(str(d), "auto", deepspeed=False) is None
+    assert R.find_resume_checkpoint(str(d), "auto", deepspeed=False) is None
     for step, complete in ((5, True), (10, True), (15, False)):
         c = d / f"checkpoint-{step}"
         c.mkdir(parents=True)
@@ -90,15 +91,15 @@ def test_find_resume_checkpoint(tmp_path):
             (c / "trainer_state.json").write_text("{}")
     (d / "checkpoint-xyz").mkdir()
     # checkpoint-15 is incomplete (killed while saving): skipped
-    assert F.find_resume_checkpoint(str(d), "auto", deepspeed=False) == str(d / "checkpoint-10")
-    assert F.find_resume_checkpoint(str(d), "never", deepspeed=False) is None
+    assert R.find_resume_checkpoint(str(d), "auto", deepspeed=False) == str(d / "checkpoint-10")
+    assert R.find_resume_checkpoint(str(d), "never", deepspeed=False) is None
     # with DeepSpeed the engine state must be there too
-    assert F.find_resume_checkpoint(str(d), "auto", deepspeed=True) is None
+    assert R.find_resume_checkpoint(str(d), "auto", deepspeed=True) is None
     (d / "checkpoint-5" / "global_step5").mkdir()
-    assert F.find_resume_checkpoint(str(d), "auto", deepspeed=True) == str(d / "checkpoint-5")
-    assert F.find_resume_checkpoint(str(d), str(d / "checkpoint-5"), deepspeed=False) == str(d / "checkpoint-5")
+    assert R.find_resume_checkpoint(str(d), "auto", deepspeed=True) == str(d / "checkpoint-5")
+    assert R.find_resume_checkpoint(str(d), str(d / "checkpoint-5"), deepspeed=False) == str(d / "checkpoint-5")
     with pytest.raises(HpcjobsError, match="not a complete Trainer checkpoint"):
-        F.find_resume_checkpoint(str(d), str(d / "checkpoint-15"), deepspeed=False)
+        R.find_resume_checkpoint(str(d), str(d / "checkpoint-15"), deepspeed=False)
 
 
 def test_fix_adapter_config(tmp_path):
@@ -111,7 +112,7 @@ def test_fix_adapter_config(tmp_path):
 def test_preempt_flag_installs_handler():
     old = signal.getsignal(signal.SIGUSR2)
     try:
-        flag = F.PreemptFlag().install()
+        flag = R.PreemptFlag().install()
         assert not flag.signalled
         os.kill(os.getpid(), signal.SIGUSR2)
         time.sleep(0.05)
@@ -162,16 +163,16 @@ def test_report_to_list_matches_transformers():
 
 
 def test_curves_lines():
-    assert F.curves_lines(["tensorboard"], "/r/c1/tensorboard/finetune/attempt-2") == [
+    assert R.curves_lines(["tensorboard"], "/r/c1/tensorboard/finetune/attempt-2") == [
         "curves: tensorboard --logdir /r/c1/tensorboard (this run: finetune/attempt-2)"]
-    assert F.curves_lines(["tensorboard"], "/tmp/my tb") == ["curves: tensorboard --logdir '/tmp/my tb'"]
+    assert R.curves_lines(["tensorboard"], "/tmp/my tb") == ["curves: tensorboard --logdir '/tmp/my tb'"]
     os.environ["MLFLOW_TRACKING_URI"] = "https://user:secret@mlflow.example/"
     try:
-        assert F.curves_lines(["mlflow", "wandb"], None) == [
+        assert R.curves_lines(["mlflow", "wandb"], None) == [
             "curves: mlflow (MLFLOW_TRACKING_URI=https://mlflow.example/)", "curves: wandb"]
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
-    assert F.curves_lines([], None) == ["curves: report_to is empty: none besides progress.jsonl"]
+    assert R.curves_lines([], None) == ["curves: report_to is empty: none besides progress.jsonl"]
 
 
 # ----------------------------------------------------------------------------
@@ -363,7 +364,7 @@ def test_single_process_preempt_and_resume(tiny, tmp_path):
     finally:
         stop_group(p)
     out = log.read_text()
-    assert rc == F.EXIT_PREEMPTED, out[-3000:]
+    assert rc == R.EXIT_PREEMPTED, out[-3000:]
     lines = progress_lines(progress)
     pre = [r for r in lines if r.get("event") == "preempted"]
     assert len(pre) == 1, lines
@@ -443,7 +444,7 @@ def test_deepspeed_zero2_two_nodes_preempt_resume(tiny, tmp_path):
         for p in procs:
             stop_group(p)
     texts = [log.read_text() for log in logs]
-    assert rcs == [F.EXIT_PREEMPTED, F.EXIT_PREEMPTED], "\n".join(t[-3000:] for t in texts)
+    assert rcs == [R.EXIT_PREEMPTED, R.EXIT_PREEMPTED], "\n".join(t[-3000:] for t in texts)
     for node_rank, text in enumerate(texts):
         assert f"rank={node_rank} world_size=2" in text
         assert f"distributed: rank={node_rank} world_size=2 backend=gloo" in text

@@ -127,7 +127,7 @@ def test_collator_positions_and_labels():
 
     batch = PackedCollator(pad_token_id=9, pad_to_multiple_of=4)([
         {"input_ids": [1, 2, 3, 4, 5], "labels": [-100, 2, 3, -100, 5], "seq_lengths": [3, 2]},
-        {"input_ids": [6, 7], "labels": [6, 7]},   # an eval row: one example, no seq_lengths
+        {"input_ids": [6, 7], "labels": [6, 7], "seq_lengths": [2]},   # an eval row (packing.single)
     ])
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 9, 9, 9], [6, 7, 9, 9, 9, 9, 9, 9]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 0, 1, 2, 3, 4, 5]]
@@ -135,6 +135,8 @@ def test_collator_positions_and_labels():
     assert batch["labels"].tolist() == [[-100, 2, 3, -100, 5, -100, -100, -100],
                                         [-100, 7, -100, -100, -100, -100, -100, -100]]
     assert set(batch) == {"input_ids", "labels", "position_ids"}
+    with pytest.raises(KeyError, match="seq_lengths"):   # a dropped column must not go unnoticed
+        PackedCollator(pad_token_id=9)([{"input_ids": [1, 2], "labels": [1, 2]}])
 
 
 @pytest.mark.train

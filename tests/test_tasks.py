@@ -284,7 +284,9 @@ def test_prepare_classification_labels_and_pairs(cls_assets, tmp_path):
     from hpcjobs.errors import HpcjobsError
     from hpcjobs.train.prepare import load_prepared, prepare
 
-    rows = [{"sentence1": f"the cat {i}", "sentence2": f"a dog {i}", "label": str(i % 2)} for i in range(20)]
+    # every 4th pair fits in 8 tokens (label 0 each time: looked up by text below), the rest are cut
+    rows = [{"sentence1": "the" if i % 4 == 0 else f"the cat {i}", "sentence2": "a" if i % 4 == 0 else f"a dog {i}",
+             "label": str(i % 2)} for i in range(20)]
     data = _jsonl(tmp_path / "d.jsonl", rows)
     cfg = {"task": "classification", "tokenizer": str(cls_assets / "bert-tiny"), "text": "{sentence1}",
            "text_pair": "{sentence2}", "label_column": "label", "labels": [0, 1], "max_seq_length": 8,
@@ -299,6 +301,8 @@ def test_prepare_classification_labels_and_pairs(cls_assets, tmp_path):
         assert r["labels"] == int(rows[[x["sentence1"] for x in rows].index(r["text"])]["label"])
         assert r["input_ids"] == tok(r["text"], r["text_pair"], truncation=True, max_length=8)["input_ids"]
     assert sum(record["splits"]["train"]["classes"].values()) == len(train) == 16
+    cut = sum(len(tok(r["text"], r["text_pair"])["input_ids"]) > 8 for r in train)
+    assert 0 < cut < 16 and record["splits"]["train"]["truncated"] == cut   # rows cut, counted exactly
 
     rows[11]["label"] = "maybe"
     _jsonl(data, rows)

@@ -66,10 +66,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-# stdlib-only pieces shared with the built-in finetune stage (importing it loads no torch)
+# the pieces every job module shares (importing them loads no torch)
 from hpcjobs.train import memory
-from hpcjobs.train.finetune import (EXIT_PREEMPTED, PreemptFlag, ProgressWriter, _any_rank, _barrier, _finite,
-                                    curves_lines, log_record, save_and_stop)
+from hpcjobs.train.runtime import (EXIT_PREEMPTED, PreemptFlag, ProgressWriter, any_rank, barrier, curves_lines,
+                                   finite, log_record, save_and_stop)
 
 LOG_PREFIX = "[hpcjobs]"
 ENV_PROGRESS = "HPCJOBS_PROGRESS_FILE"
@@ -301,13 +301,13 @@ class HpcjobsCallback(TrainerCallback):
             self._progress.write(rec)
         elif "eval_loss" in logs:
             self._progress.write({"step": state.global_step, "max_steps": state.max_steps,
-                                  "epoch": _finite(state.epoch), "eval_loss": _finite(logs["eval_loss"])})
+                                  "epoch": finite(state.epoch), "eval_loss": finite(logs["eval_loss"])})
         elif "train_runtime" in logs:
-            self._summary = {k: _finite(v) for k, v in logs.items() if _finite(v) is not None}
+            self._summary = {k: finite(v) for k, v in logs.items() if finite(v) is not None}
 
     def on_step_end(self, args, state, control, **kw):
         # a collective on every rank at every optimizer step: all ranks stop at the same step
-        if self._watching and _any_rank(self._local_request(), args.device):
+        if self._watching and any_rank(self._local_request(), args.device):
             if self.stopped_at is None and state.is_world_process_zero:
                 how = "on this rank" if _FLAG.signalled else "on another rank"
                 _log(f"time-limit warning (SIGUSR2 or {_FLAG.file or 'no flag file'}) {how}: saving a checkpoint "
@@ -339,7 +339,7 @@ class HpcjobsCallback(TrainerCallback):
     def _stop_for_preemption(self, state) -> None:
         global _preempted
         self._stopped = True
-        _barrier()  # every rank has written its part of the checkpoint
+        barrier()  # every rank has written its part of the checkpoint
         self._write_memory()
         path = self.checkpoint  # None: some other callback cancelled the save
         _preempted = True

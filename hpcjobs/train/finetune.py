@@ -68,9 +68,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
-import signal
 import socket
 import sys
 import time
@@ -79,8 +77,11 @@ from pathlib import Path
 from typing import Any
 
 from hpcjobs.errors import HpcjobsError
+from hpcjobs.train.runtime import (EXIT_PREEMPTED, PreemptFlag, ProgressWriter, any_rank, barrier,
+                                   checkpointing_field, curves_lines, find_resume_checkpoint, finite,
+                                   load_tokenizer, log, log_record, rank_info, resolve_device, save_and_stop,
+                                   set_log_prefix, setup_environment, torch_dtype)
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again" -> requeue / resubmit with resume=auto
 LOG_PREFIX = "[hpcjobs.finetune]"
 
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -204,97 +205,6 @@ def load_train_config(path: str | os.PathLike) -> dict[str, Any]:
 # ----------------------------------------------------------------------------
 
 
-def rank_info() -> dict[str, int]:
-    env = os.environ
-    return {
-        "rank": int(env.get("RANK", "0")),
-        "world_size": int(env.get("WORLD_SIZE", "1")),
-        "local_rank": int(env.get("LOCAL_RANK", "0")),
-        "local_size": int(env.get("LOCAL_SIZE", env.get("LOCAL_WORLD_SIZE", "1"))),
-        "node_rank": int(env.get("CROSS_RANK", env.get("GROUP_RANK", "0"))),
-    }
-
-
-def resolve_device(requested: str | None) -> str:
-    if requested:
-        return requested
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except Exception:  # pragma: no cover
-        return "cpu"
-
-
-def setup_environment(device: str, local_size: int = 1) -> None:
-    """Environment that must be in place before torch/deepspeed initialise.
-
-    Values already set by the job script win (setdefault).
-    """
-    env = os.environ
-    if device == "cpu":
-        # DeepSpeed otherwise probes CUDA and warns; with this set it uses its
-        # CPU accelerator (gloo / shm comm) straight away.
-        env.setdefault("DS_ACCELERATOR", "cpu")
-        if "OMP_NUM_THREADS" not in env:
-            try:
-                cores = len(os.sched_getaffinity(0))
-            except AttributeError:  # pragma: no cover - non-Linux
-                cores = os.cpu_count() or 1
-            env["OMP_NUM_THREADS"] = str(max(1, cores // max(1, local_size)))
-            if "torch" in sys.modules:  # already imported: its pool may be sized
-                sys.modules["torch"].set_num_threads(int(env["OMP_NUM_THREADS"]))
-    # DeepSpeed JIT-compiles small C++ ops on first use (~25 s each on CPU);
-    # keep the build cache in a persistent place so later runs reuse it.
-    # keyed by environment, as hpcjobs.paths.python_env_id explains.
-    from hpcjobs.paths import python_env_id
-
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / python_env_id()))
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-
-
-# What each integration reads to decide where its curves go (shown in the first log lines;
-# secrets such as WANDB_API_KEY are never printed).
-_WHERE_ENV = {"wandb": ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT"),
-              "mlflow": ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")}
-
-
-def curves_lines(report_to: list[str], tensorboard_dir: str | None) -> list[str]:
-    """"curves: ..." lines naming where each reporting integration writes."""
-    import re
-    import shlex
-
-    if not report_to:
-        return ["curves: report_to is empty: none besides progress.jsonl"]
-    lines = []
-    for name in report_to:
-        if name == "tensorboard" and tensorboard_dir:
-            tb = Path(tensorboard_dir)
-            if tb.name.startswith("attempt-") and tb.parent.parent.name == "tensorboard":  # hpcjobs' layout
-                lines.append(f"curves: tensorboard --logdir {shlex.quote(str(tb.parent.parent))} "
-                             f"(this run: {tb.parent.name}/{tb.name})")
-            else:
-                lines.append(f"curves: tensorboard --logdir {shlex.quote(str(tb))}")
-            continue
-        env = [f"{k}={re.sub(r'//[^/@]*@', '//', os.environ[k])}" for k in _WHERE_ENV.get(name, ())
-               if os.environ.get(k)]
-        lines.append(f"curves: {name}" + (f" ({' '.join(env)})" if env else ""))
-    return lines
-
-
-def log(msg: str) -> None:
-    # One write per line: several ranks share the job's log, and print() under
-    # PYTHONUNBUFFERED writes the text and the newline separately, so lines interleave.
-    sys.stdout.write(f"{LOG_PREFIX} {msg}\n")
-    sys.stdout.flush()
-
-
-# ----------------------------------------------------------------------------
-# preemption
-# ----------------------------------------------------------------------------
-
-
 def _engine_summary(optimizer: Any) -> str:
     """What DeepSpeed really runs (its own logger is quiet under the HF Trainer): the ZeRO
     optimizer class and offload devices, read from the live optimizer, not the config file."""
@@ -308,121 +218,6 @@ def _engine_summary(optimizer: Any) -> str:
         if value is not None and not any(p.startswith(label + "=") for p in parts):
             parts.append(f"{label}={'cpu' if value else 'none'}")
     return " ".join(parts)
-
-
-class PreemptFlag:
-    """Set by SIGUSR2 (Slurm's warning before the time limit)."""
-
-    def __init__(self) -> None:
-        self.signalled = False
-        self.signal_time: float | None = None
-        # The batch script also touches this file when it gets the warning: a signal that
-        # arrives before this rank has started (during imports or model loading) still counts.
-        self.file: str | None = None
-
-    def requested(self) -> bool:
-        if not self.signalled and self.file and os.path.exists(self.file):
-            self.signalled = True
-            self.signal_time = time.time()
-            log(f"found {self.file}: will checkpoint and stop after the current step")
-        return self.signalled
-
-    def install(self, signum: int = signal.SIGUSR2) -> "PreemptFlag":
-        def handler(sig, frame):  # noqa: ARG001
-            if not self.signalled:
-                self.signalled = True
-                self.signal_time = time.time()
-                log(f"received signal {sig}: will checkpoint and stop after the current step")
-
-        signal.signal(signum, handler)
-        # restart interrupted system calls (e.g. inside a gloo/NCCL collective)
-        signal.siginterrupt(signum, False)
-        return self
-
-
-def _any_rank(flag: bool, device: Any) -> bool:
-    """True if ``flag`` is true on any rank (collective when distributed)."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-# ----------------------------------------------------------------------------
-# progress file
-# ----------------------------------------------------------------------------
-
-
-class ProgressWriter:
-    """Appends JSON lines to the progress file (rank 0 only); flushed per line."""
-
-    def __init__(self, path: str | None, enabled: bool) -> None:
-        self.path = path if enabled else None
-        if self.path:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.path:
-            return
-        record = {"time": round(time.time(), 3), **record}
-        line = json.dumps(record, default=_json_default)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-            f.flush()
-
-    def event(self, name: str, **fields: Any) -> None:
-        self.write({"event": name, **fields})
-
-
-def _json_default(o: Any) -> Any:
-    try:
-        return float(o)
-    except Exception:
-        return str(o)
-
-
-def _finite(x: Any) -> float | None:
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def save_and_stop(control) -> None:
-    """The time-limit warning: checkpoint at this step, skip evaluation, stop training."""
-    control.should_save = True
-    control.should_log = True
-    control.should_evaluate = False
-    control.should_training_stop = True
-
-
-def log_record(state, logs: dict, global_batch: int, last_step: int, last_time: float, now: float) -> dict:
-    """One progress.jsonl line for a Trainer log with a loss (shared with hpcjobs.train.callbacks)."""
-    rec: dict[str, Any] = {
-        "step": state.global_step,
-        "max_steps": state.max_steps,
-        "epoch": _finite(state.epoch),
-        "loss": _finite(logs.get("loss")),
-        "learning_rate": _finite(logs.get("learning_rate")),
-    }
-    if logs.get("grad_norm") is not None:
-        rec["grad_norm"] = _finite(logs["grad_norm"])
-    steps = state.global_step - last_step
-    if steps > 0 and now > last_time:
-        rec["samples_per_second"] = round(steps * global_batch / (now - last_time), 3)
-    return rec
 
 
 def make_callbacks(progress: ProgressWriter, preempt: PreemptFlag, global_batch: int, info: dict):
@@ -477,18 +272,18 @@ def make_callbacks(progress: ProgressWriter, preempt: PreemptFlag, global_batch:
                 rec = {
                     "step": state.global_step,
                     "max_steps": state.max_steps,
-                    "epoch": _finite(state.epoch),
-                    "eval_loss": _finite(logs["eval_loss"]),
+                    "epoch": finite(state.epoch),
+                    "eval_loss": finite(logs["eval_loss"]),
                 }
                 # the task's metrics too (eval_accuracy, eval_f1, eval_rouge1, ...), not the timings
-                rec.update({k: _finite(v) for k, v in logs.items() if k.startswith("eval_") and k not in rec
-                            and not k.endswith(("_runtime", "_per_second")) and _finite(v) is not None})
+                rec.update({k: finite(v) for k, v in logs.items() if k.startswith("eval_") and k not in rec
+                            and not k.endswith(("_runtime", "_per_second")) and finite(v) is not None})
                 progress.write(rec)
                 log(f"eval step {state.global_step}: " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else
                                                                    f"{k}={v}" for k, v in rec.items()
                                                                    if k.startswith("eval_")))
             elif "train_runtime" in logs:
-                self.summary = {k: _finite(v) for k, v in logs.items() if _finite(v) is not None}
+                self.summary = {k: finite(v) for k, v in logs.items() if finite(v) is not None}
 
         def on_save(self, args, state, control, **kw):
             if state.is_world_process_zero:
@@ -503,7 +298,7 @@ def make_callbacks(progress: ProgressWriter, preempt: PreemptFlag, global_batch:
             self.stopped_at: int | None = None
 
         def on_step_end(self, args, state, control, **kw):
-            if _any_rank(preempt.requested(), args.device):
+            if any_rank(preempt.requested(), args.device):
                 self.stopped_at = state.global_step
                 save_and_stop(control)
             return control
@@ -514,32 +309,6 @@ def make_callbacks(progress: ProgressWriter, preempt: PreemptFlag, global_batch:
 # ----------------------------------------------------------------------------
 # checkpoints
 # ----------------------------------------------------------------------------
-
-
-def find_resume_checkpoint(checkpoint_dir: str, resume: str, *, deepspeed: bool) -> str | None:
-    """Latest complete ``checkpoint-N`` (has trainer_state.json; with DeepSpeed
-    also its engine state) or None. ``resume`` may also name a checkpoint."""
-    if resume == "never":
-        return None
-    if resume != "auto":
-        if not Path(resume, "trainer_state.json").is_file():
-            raise HpcjobsError(f"{resume}: not a complete Trainer checkpoint (no trainer_state.json)")
-        return resume
-    d = Path(checkpoint_dir)
-    if not d.is_dir():
-        return None
-    found = []
-    for c in d.iterdir():
-        if c.is_dir() and c.name.startswith("checkpoint-") and c.name[len("checkpoint-"):].isdigit():
-            found.append((int(c.name[len("checkpoint-"):]), c))
-    for step, c in sorted(found, reverse=True):
-        complete = (c / "trainer_state.json").is_file()
-        if complete and deepspeed:
-            complete = (c / "latest").is_file() or any(c.glob("global_step*"))
-        if complete:
-            return str(c)
-        log(f"warning: skipping incomplete checkpoint {c}")
-    return None
 
 
 def fix_adapter_config(adapter_dir: str, base_model_path: str) -> None:
@@ -561,30 +330,6 @@ def fix_adapter_config(adapter_dir: str, base_model_path: str) -> None:
 # ----------------------------------------------------------------------------
 
 
-def load_tokenizer(model_path: str):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
-    tok.padding_side = "right"
-    return tok
-
-
-def _checkpointing_field(args_cls) -> str:
-    """transformers 5.2x renamed gradient_checkpointing -> activation_checkpointing."""
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(args_cls)}
-    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-
-
-def torch_dtype(precision: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-
-
 # ----------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------
@@ -601,6 +346,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     # first thing: SIGUSR2 must never kill a rank, even during the imports
     preempt = PreemptFlag().install()
+    set_log_prefix(LOG_PREFIX)
     args = parse_args(argv)
     info: dict[str, Any] = rank_info()
     progress = ProgressWriter(None, False)
@@ -687,6 +433,7 @@ def run(cfg: dict, device: str, info: dict, preempt: PreemptFlag, progress: Prog
             examples = len(splits["train"])
             # every rank bins the same shuffled rows (seeded), so the ranks agree on the rows
             splits["train"] = packing.pack(splits["train"], int(t["max_seq_length"]), int(t["seed"]))
+            splits["eval"] = packing.single(splits["eval"])   # the same collator evaluates
             info["packing"] = packing.stats(examples, splits["train"])
             if info["rank"] == 0:
                 p = info["packing"]
@@ -731,7 +478,7 @@ def run(cfg: dict, device: str, info: dict, preempt: PreemptFlag, progress: Prog
         warmup_steps=t["warmup_steps"] or 0,
         lr_scheduler_type=t["lr_scheduler_type"],
         include_num_input_tokens_seen="non_padding",  # real tokens, for throughput
-        **{_checkpointing_field(SFTConfig): bool(t["gradient_checkpointing"])},
+        **{checkpointing_field(SFTConfig): bool(t["gradient_checkpointing"])},
         bf16=t["precision"] == "bf16",
         fp16=t["precision"] == "fp16",
         max_grad_norm=float(t["max_grad_norm"]),
@@ -852,7 +599,7 @@ def run(cfg: dict, device: str, info: dict, preempt: PreemptFlag, progress: Prog
     if preempt_cb.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
         step = preempt_cb.stopped_at
         ckpt = os.path.join(cfg["checkpoint_dir"], f"checkpoint-{step}")
-        _barrier()  # every rank has written its part of the checkpoint
+        barrier()  # every rank has written its part of the checkpoint
         if info["rank"] == 0:
             progress.event("preempted", step=step, max_steps=trainer.state.max_steps, checkpoint=ckpt)
         log(f"preempted: checkpoint {ckpt} saved at step {step}; exiting with {EXIT_PREEMPTED}")
@@ -865,14 +612,14 @@ def run(cfg: dict, device: str, info: dict, preempt: PreemptFlag, progress: Prog
         from hpcjobs.train.merge import fix_permissions
 
         fix_permissions(Path(cfg["output_dir"]))
-    _barrier()
+    barrier()
     if info["rank"] == 0:
         summary = dict(progress_cb.summary)
         summary.update(
             step=trainer.state.global_step,
             max_steps=trainer.state.max_steps,
             adapter=cfg["output_dir"],
-            train_loss=_finite(getattr(result, "training_loss", None)),
+            train_loss=finite(getattr(result, "training_loss", None)),
         )
         progress.event("end", **summary)
         log(f"done: {'adapter' if peft_config is not None else 'model'} saved to {cfg['output_dir']} (step {trainer.state.global_step})")

@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any, Dict
 
 from hpcjobs.errors import HpcjobsError
-from hpcjobs.train.finetune import (_checkpointing_field, _finite, load_tokenizer, log_record, rank_info,
-                                    resolve_device, setup_environment, torch_dtype)
+from hpcjobs.train.runtime import (checkpointing_field, finite, load_tokenizer, log_record, rank_info,
+                                   resolve_device, set_log_prefix, setup_environment, torch_dtype)
 
 #: progress.jsonl field <- TRL's log key
 REWARD_FIELDS = {"reward": "reward", "reward_std": "reward_std", "kl": "kl",
@@ -72,8 +72,8 @@ class GrpoProgress(HpcjobsCallback):
             self._last_time, self._last_step = now, state.global_step
             for out, key in REWARD_FIELDS.items():
                 if logs.get(key) is not None:
-                    rec[out] = _finite(logs[key])
-            per = {k[len("rewards/"):-len("/mean")]: _finite(v) for k, v in logs.items()
+                    rec[out] = finite(logs[key])
+            per = {k[len("rewards/"):-len("/mean")]: finite(v) for k, v in logs.items()
                    if k.startswith("rewards/") and k.endswith("/mean")}
             if per:
                 rec["rewards"] = per
@@ -129,7 +129,7 @@ def run(cfg: Dict[str, Any], device: str, info: Dict[str, int]) -> int:
         max_grad_norm=float(t["max_grad_norm"]),
         bf16=t["precision"] == "bf16",
         fp16=t["precision"] == "fp16",
-        **{_checkpointing_field(GRPOConfig): bool(t["gradient_checkpointing"])},
+        **{checkpointing_field(GRPOConfig): bool(t["gradient_checkpointing"])},
         logging_steps=t["logging_steps"],
         logging_first_step=True,
         save_strategy="steps",
@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hpcjobs.train.grpo", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="grpo.json written by the grpo stage")
     a = ap.parse_args(argv)
+    set_log_prefix("[hpcjobs.grpo]")   # the shared helpers' lines say grpo
     info = rank_info()
     try:
         cfg = load_config(a.config)

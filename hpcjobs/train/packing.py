@@ -35,6 +35,11 @@ def pack(train, max_seq_length: int, seed: int):
     return pack_dataset(rows, max_seq_length, strategy="bfd")
 
 
+def single(split):
+    """An unpacked split (eval) in the packed rows' form: one example per row."""
+    return split.map(lambda row: {"seq_lengths": [len(row["input_ids"])]})
+
+
 def stats(examples: int, packed) -> dict[str, Any]:
     """Rows before and after, and how full the packed rows are (tokens / (rows x longest))."""
     lengths = [sum(s) for s in packed["seq_lengths"]]
@@ -45,7 +50,7 @@ def stats(examples: int, packed) -> dict[str, Any]:
 
 @dataclass
 class PackedCollator:
-    """Pads rows (packed or not) to the longest, to a multiple of ``pad_to_multiple_of``:
+    """Pads rows (packed, or one example each: ``single``) to the longest, to a multiple of ``pad_to_multiple_of``:
     ``input_ids`` with ``pad_token_id``, ``labels`` with -100, and ``position_ids`` restarting
     at every example. No attention mask: right padding needs none under a causal mask (no
     real token sees a later position), and its absence is what lets the model read example
@@ -65,7 +70,9 @@ class PackedCollator:
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
             n = len(row["input_ids"])
-            segments = list(row.get("seq_lengths") or [n])
+            if "seq_lengths" not in row:   # without it the examples of a row would see each other
+                raise KeyError("a packed row came without its seq_lengths column; the Trainer must keep it")
+            segments = list(row["seq_lengths"])
             input_ids[i, :n] = torch.as_tensor(row["input_ids"])
             labels[i, :n] = torch.as_tensor(row["labels"])
             start = 0

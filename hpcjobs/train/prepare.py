@@ -92,7 +92,7 @@ def load_tokenizer(source: str | os.PathLike):
             tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
         tok.padding_side = "right"
         return tok
-    from hpcjobs.train.finetune import load_tokenizer as load_hf_tokenizer
+    from hpcjobs.train.runtime import load_tokenizer as load_hf_tokenizer
 
     try:
         return load_hf_tokenizer(str(src))

@@ -241,7 +241,7 @@ def _collate(examples: list) -> dict:
 def train(cfg: dict) -> int:
     # first: SIGUSR2 (Slurm's time-limit warning) is caught from here on, before the heavy imports
     from hpcjobs.train.callbacks import HpcjobsCallback
-    from hpcjobs.train.finetune import find_resume_checkpoint, rank_info, resolve_device, setup_environment
+    from hpcjobs.train.runtime import find_resume_checkpoint, rank_info, resolve_device, setup_environment
 
     info = rank_info()
     device = resolve_device(cfg.get("device"))
@@ -356,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("step", choices=("prepare", "train"))
     ap.add_argument("--config", required=True, help="pretrain.json")
     a = ap.parse_args(argv)
+    from hpcjobs.train.runtime import set_log_prefix
+
+    set_log_prefix(LOG_PREFIX)   # the shared helpers' lines (resume, preemption) say pretrain
     # no progress bars in the job's log (datasets' map/save, transformers' shard writing)
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -63,10 +63,16 @@ def prepare_map(cfg: dict[str, Any], tok, source: str):
                                    f"prepare.labels {classes}", hint="fix the row, or add the class to prepare.labels")
             ys.append(index[key])
         enc = tok(a, b, truncation="longest_first", max_length=max_len)
-        full = tok(a, b)["input_ids"]     # untruncated, to count what was cut
+        # Only a row cut to exactly max_len can have lost tokens: tokenize just those again,
+        # untruncated, to count what was cut.
+        full = [i for i, x in enumerate(enc["input_ids"]) if len(x) >= max_len]
+        cut = set()
+        if full:
+            again = tok([a[i] for i in full], [b[i] for i in full] if b is not None else None)["input_ids"]
+            cut = {i for i, x in zip(full, again) if len(x) > max_len}
         out: dict[str, list] = {k: list(v) for k, v in enc.items()}
         out.update(labels=ys, text=a, length=[len(x) for x in enc["input_ids"]],
-                   truncated=[len(x) > max_len for x in full])
+                   truncated=[i in cut for i in range(len(rows))])
         if b is not None:
             out["text_pair"] = b
         return out
