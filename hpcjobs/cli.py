@@ -688,9 +688,10 @@ def devcluster():
     """A private two-node Slurm cluster on this machine (profile `local`).
 
     slurmctld, slurmd for node1 and node2 (4 fake GPUs each), slurmdbd with
-    MariaDB, and munge, all under one directory ($HPCJOBS_DEVCLUSTER, default
-    ~/.local/state/hpcjobs/devcluster). Needs Debian's slurm and mariadb
-    packages: scripts/install-system-deps.sh installs them.
+    MariaDB, and munge, all under one directory: $HPCJOBS_DEVCLUSTER (`make`
+    sets it to the checkout's .devcluster) if set, else the one the last `up`
+    started, else ~/.local/state/hpcjobs/devcluster. Needs Debian's slurm and
+    mariadb packages: scripts/install-system-deps.sh installs them.
     """
 
 

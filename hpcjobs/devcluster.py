@@ -47,7 +47,7 @@ from typing import Iterator
 from hpcjobs import devcluster_conf as conf
 from hpcjobs.errors import HpcjobsError
 
-__all__ = ["DAEMONS", "DevCluster", "default_root", "main"]
+__all__ = ["DAEMONS", "DevCluster", "default_root", "last_root_file", "main"]
 
 NODES = conf.NODES
 #: start order; ``down`` stops in reverse.
@@ -80,13 +80,34 @@ _SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _USABLE_NODE_STATES = {"idle", "mixed", "allocated", "completing"}
 
 
+def _xdg_hpcjobs() -> Path:
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg).expanduser() / "hpcjobs"
+
+
+def last_root_file() -> Path:
+    """Where ``up`` records the root it started, for commands run without ``$HPCJOBS_DEVCLUSTER``."""
+    return _xdg_hpcjobs() / "devcluster.last"
+
+
 def default_root() -> Path:
-    """``$HPCJOBS_DEVCLUSTER`` if set, else ``$XDG_STATE_HOME/hpcjobs/devcluster``."""
+    """``$HPCJOBS_DEVCLUSTER`` if set; else the root the last ``up`` started, while it
+    still exists; else ``$XDG_STATE_HOME/hpcjobs/devcluster``.
+
+    ``make demo`` starts the cluster under the checkout (``.devcluster``); remembering
+    it lets a plain ``hpcjobs submit --profile local`` typed afterwards reach that
+    cluster instead of asking for a second one.
+    """
     env = os.environ.get("HPCJOBS_DEVCLUSTER")
     if env:
         return Path(env).expanduser()
-    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(xdg).expanduser() / "hpcjobs" / "devcluster"
+    try:
+        last = Path(last_root_file().read_text().strip())
+    except (OSError, ValueError):
+        last = None
+    if last and last.is_absolute() and (last / "state" / "cluster.json").is_file():
+        return last
+    return _xdg_hpcjobs() / "devcluster"
 
 
 # --------------------------------------------------------------------------- processes
@@ -249,6 +270,16 @@ class DevCluster:
                     _reap((self._record(daemon) or {}).get("pid") or 0)
                     self._start(daemon, deadline)
             self._wait_ready(deadline)
+        self._remember()
+
+    def _remember(self) -> None:
+        """Record this root as the one plain commands use (see :func:`default_root`)."""
+        f = last_root_file()
+        with contextlib.suppress(OSError):  # a read-only home only loses the convenience
+            f.parent.mkdir(parents=True, exist_ok=True)
+            tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")
+            tmp.write_text(f"{self.root}\n")
+            tmp.replace(f)
 
     def down(self) -> None:
         """Cancel all jobs, then stop every daemon ``up`` started (and job steps left on the nodes)."""
@@ -955,7 +986,7 @@ def _check_system() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hpcjobs.devcluster", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", type=Path, default=None, help="state directory (default: $HPCJOBS_DEVCLUSTER or $XDG_STATE_HOME/hpcjobs/devcluster)")
+    parser.add_argument("--root", type=Path, default=None, help="state directory (default: $HPCJOBS_DEVCLUSTER, else the root the last up started, else $XDG_STATE_HOME/hpcjobs/devcluster)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_up = sub.add_parser("up", help="start the cluster (idempotent)")
     p_up.add_argument("--timeout", type=float, default=90)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from hpcjobs import devcluster
-from hpcjobs.devcluster import DAEMONS, DevCluster, default_root
+from hpcjobs.devcluster import DAEMONS, DevCluster, default_root, last_root_file
 from hpcjobs.errors import HpcjobsError
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "NODE_FAIL", "TIMEOUT", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
@@ -36,7 +36,28 @@ def test_default_root_env(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
     assert default_root() == tmp_path / "xdg" / "hpcjobs" / "devcluster"
     monkeypatch.delenv("XDG_STATE_HOME")
-    assert default_root() == Path.home() / ".local" / "state" / "hpcjobs" / "devcluster"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # this machine's real home may hold a last root
+    assert default_root() == tmp_path / "home" / ".local" / "state" / "hpcjobs" / "devcluster"
+
+
+def test_default_root_follows_the_last_up(monkeypatch, tmp_path):
+    """`make demo` starts the cluster under the checkout; a plain command afterwards finds it."""
+    monkeypatch.delenv("HPCJOBS_DEVCLUSTER", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    checkout = DevCluster(tmp_path / "clone" / ".devcluster")
+    checkout._remember()
+    assert last_root_file().read_text() == f"{checkout.root}\n"
+    # a root whose cluster was never set up (or was deleted with its clone) is not followed
+    assert default_root() == tmp_path / "xdg" / "hpcjobs" / "devcluster"
+    (checkout.state_dir).mkdir(parents=True)
+    (checkout.state_dir / "cluster.json").write_text("{}")
+    assert default_root() == checkout.root
+    assert DevCluster().slurm_conf == checkout.slurm_conf
+    monkeypatch.setenv("HPCJOBS_DEVCLUSTER", str(tmp_path / "other"))  # the variable still wins
+    assert default_root() == tmp_path / "other"
+    last_root_file().write_text("relative/path\n")
+    monkeypatch.delenv("HPCJOBS_DEVCLUSTER")
+    assert default_root() == tmp_path / "xdg" / "hpcjobs" / "devcluster"
     assert DevCluster(tmp_path).slurm_conf == tmp_path / "etc" / "slurm.conf"
     assert DevCluster(tmp_path).env() == {"SLURM_CONF": str(tmp_path / "etc" / "slurm.conf")}
 
