@@ -308,6 +308,11 @@ def _stage_status(record: ChainRecord, name: str, queue: Dict[str, QueueInfo],
     elif a and a.state not in LIVE_STATES:
         s.state, s.exit_code, s.signal, s.source = a.state, a.exit_code, a.signal, "sacct"
         s.elapsed, s.nodes, s.start, s.end = a.elapsed, a.nodes, a.start, a.end
+        if q and q.state not in LIVE_STATES and q.nodes:
+            # accounting can lag behind the end of a multi-node job with a partial node list
+            # (COMPLETED|node1 for a node[1-2] job, seen on the devcluster); slurmctld, while it
+            # still remembers the job, has the whole allocation
+            s.nodes = q.nodes
     elif q:  # finished, still in slurmctld's memory, accounting not (yet) there
         s.state, s.nodes, s.elapsed, s.source = q.state, q.nodes, q.elapsed, "squeue"
     elif a:  # accounting says live but slurmctld has forgotten the job or is down: markers first

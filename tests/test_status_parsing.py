@@ -6,7 +6,7 @@ import json
 
 from hpcjobs.errors import SlurmError
 from hpcjobs.records import Attempt, ChainRecord, StageRecord
-from hpcjobs.slurm import AcctInfo, gres_gpus, parse_job_id
+from hpcjobs.slurm import AcctInfo, QueueInfo, gres_gpus, parse_job_id
 from hpcjobs.status import collect, failed_nodes
 
 
@@ -89,6 +89,28 @@ def test_stale_or_foreign_started_marker_is_ignored(tmp_path):
     assert collect([rec], _CtldDown)[0].stages[0].state == "PENDING"
     _started(adir, restarts=1)                                           # a run accounting has not seen
     assert collect([rec], _CtldDown)[0].stages[0].state == "PENDING"
+
+
+class _JustFinished:
+    """A 2-node job seconds after it ended (seen on the devcluster): slurmctld still has it with
+    its whole allocation; accounting already says COMPLETED but lists one node."""
+
+    def __init__(self, conf=None):
+        pass
+
+    def squeue(self, ids):
+        return {"7": QueueInfo("7", "c.first", "COMPLETED", "None", "0:04", "node[1-2]", "2026-11-23T10:00:05")}
+
+    def sacct(self, ids, *, starttime):
+        return {"7": [AcctInfo("7", "c.first", "COMPLETED", 0, 0, "00:00:04", "node1",
+                               "2026-11-23T10:00:05", "2026-11-23T10:00:09")]}
+
+
+def test_a_finished_jobs_nodes_come_from_slurmctld_while_it_remembers(tmp_path):
+    rec, _ = _record(tmp_path)
+    (st,) = collect([rec], _JustFinished)
+    s = st.stages[0]
+    assert (s.state, s.source, s.exit_code, s.nodes) == ("COMPLETED", "sacct", 0, "node[1-2]")
 
 
 # ---- the failing rank: its exception line and exit code (what `status` shows above the log tail)
