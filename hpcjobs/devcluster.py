@@ -251,11 +251,12 @@ class DevCluster:
         """Environment a Slurm client (sbatch, squeue, sacct, ...) needs to talk to this cluster."""
         return {"SLURM_CONF": str(self.slurm_conf)}
 
-    def up(self, timeout: float = 90) -> None:
+    def up(self, timeout: float = 90, remember: bool = True) -> None:
         """Start whatever is not running and wait until the cluster is ready.
 
         Ready: both nodes usable (IDLE when no jobs run), slurmctld's first
         scheduling pass done, sacct answers.  A no-op when already up.
+        ``remember``: make this the cluster plain commands use (see :func:`default_root`).
         """
         _check_system()
         deadline = time.monotonic() + timeout
@@ -270,7 +271,8 @@ class DevCluster:
                     _reap((self._record(daemon) or {}).get("pid") or 0)
                     self._start(daemon, deadline)
             self._wait_ready(deadline)
-        self._remember()
+        if remember:
+            self._remember()
 
     def _remember(self) -> None:
         """Record this root as the one plain commands use (see :func:`default_root`)."""

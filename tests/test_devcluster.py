@@ -97,7 +97,7 @@ def dc():
     cluster = DevCluster(root)
     try:
         t0 = time.monotonic()
-        cluster.up(timeout=120)
+        cluster.up(timeout=120, remember=False)   # a throwaway root: leave the user's devcluster the default
         cluster.cold_up_s = time.monotonic() - t0
         yield cluster
     finally:
@@ -177,7 +177,7 @@ def test_up_gives_two_idle_gpu_nodes(dc):
 def test_up_again_is_noop(dc):
     before = {k: v["pid"] for k, v in dc.status()["daemons"].items()}
     t0 = time.monotonic()
-    dc.up()
+    dc.up(remember=False)
     assert time.monotonic() - t0 < 5
     assert {k: v["pid"] for k, v in dc.status()["daemons"].items()} == before
 
