@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Iterator
 
 from hpcjobs import devcluster_conf as conf
+from hpcjobs import paths
 from hpcjobs.errors import HpcjobsError
 
 __all__ = ["DAEMONS", "DevCluster", "default_root", "last_root_file", "main"]
@@ -80,14 +81,9 @@ _SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _USABLE_NODE_STATES = {"idle", "mixed", "allocated", "completing"}
 
 
-def _xdg_hpcjobs() -> Path:
-    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(xdg).expanduser() / "hpcjobs"
-
-
 def last_root_file() -> Path:
     """Where ``up`` records the root it started, for commands run without ``$HPCJOBS_DEVCLUSTER``."""
-    return _xdg_hpcjobs() / "devcluster.last"
+    return paths.state_dir() / "devcluster.last"
 
 
 def default_root() -> Path:
@@ -107,7 +103,8 @@ def default_root() -> Path:
         last = None
     if last and last.is_absolute() and (last / "state" / "cluster.json").is_file():
         return last
-    return _xdg_hpcjobs() / "devcluster"
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg).expanduser() / "hpcjobs" / "devcluster"
 
 
 # --------------------------------------------------------------------------- processes
@@ -251,12 +248,12 @@ class DevCluster:
         """Environment a Slurm client (sbatch, squeue, sacct, ...) needs to talk to this cluster."""
         return {"SLURM_CONF": str(self.slurm_conf)}
 
-    def up(self, timeout: float = 90, remember: bool = True) -> None:
+    def up(self, timeout: float = 90) -> None:
         """Start whatever is not running and wait until the cluster is ready.
 
         Ready: both nodes usable (IDLE when no jobs run), slurmctld's first
         scheduling pass done, sacct answers.  A no-op when already up.
-        ``remember``: make this the cluster plain commands use (see :func:`default_root`).
+        It then becomes the cluster plain commands use (see :func:`default_root`).
         """
         _check_system()
         deadline = time.monotonic() + timeout
@@ -271,8 +268,7 @@ class DevCluster:
                     _reap((self._record(daemon) or {}).get("pid") or 0)
                     self._start(daemon, deadline)
             self._wait_ready(deadline)
-        if remember:
-            self._remember()
+        self._remember()
 
     def _remember(self) -> None:
         """Record this root as the one plain commands use (see :func:`default_root`)."""

@@ -30,13 +30,14 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "NODE_FAIL", "TIMEOUT", "OUT_OF_
 
 
 def test_default_root_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("HPCJOBS_STATE_DIR", str(tmp_path / "state"))  # no last root recorded
     monkeypatch.setenv("HPCJOBS_DEVCLUSTER", str(tmp_path / "dc"))
     assert default_root() == tmp_path / "dc"
     monkeypatch.delenv("HPCJOBS_DEVCLUSTER")
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
     assert default_root() == tmp_path / "xdg" / "hpcjobs" / "devcluster"
     monkeypatch.delenv("XDG_STATE_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # this machine's real home may hold a last root
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_root() == tmp_path / "home" / ".local" / "state" / "hpcjobs" / "devcluster"
 
 
@@ -44,8 +45,10 @@ def test_default_root_follows_the_last_up(monkeypatch, tmp_path):
     """`make demo` starts the cluster under the checkout; a plain command afterwards finds it."""
     monkeypatch.delenv("HPCJOBS_DEVCLUSTER", raising=False)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HPCJOBS_STATE_DIR", str(tmp_path / "state"))
     checkout = DevCluster(tmp_path / "clone" / ".devcluster")
     checkout._remember()
+    assert last_root_file() == tmp_path / "state" / "devcluster.last"
     assert last_root_file().read_text() == f"{checkout.root}\n"
     # a root whose cluster was never set up (or was deleted with its clone) is not followed
     assert default_root() == tmp_path / "xdg" / "hpcjobs" / "devcluster"
@@ -97,7 +100,7 @@ def dc():
     cluster = DevCluster(root)
     try:
         t0 = time.monotonic()
-        cluster.up(timeout=120, remember=False)   # a throwaway root: leave the user's devcluster the default
+        cluster.up(timeout=120)
         cluster.cold_up_s = time.monotonic() - t0
         yield cluster
     finally:
@@ -177,7 +180,7 @@ def test_up_gives_two_idle_gpu_nodes(dc):
 def test_up_again_is_noop(dc):
     before = {k: v["pid"] for k, v in dc.status()["daemons"].items()}
     t0 = time.monotonic()
-    dc.up(remember=False)
+    dc.up()
     assert time.monotonic() - t0 < 5
     assert {k: v["pid"] for k, v in dc.status()["daemons"].items()} == before
 
